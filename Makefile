@@ -1,0 +1,31 @@
+# `make run`: set up .venv and run the main job (a two-process KV transfer over TCP).
+# `make test`: set up .venv and run the test suite.
+# torch==2.13.0 goes in before anything else: a later package asking for plain `torch`
+# would otherwise pull a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.kvxfer-installed
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(PY) examples/transfer_two_process.py --model llama-3.1-8b --tokens 4096
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_transfer.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
