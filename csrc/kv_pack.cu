@@ -1,0 +1,1 @@
+../kvxfer/csrc/kv_pack.cu
