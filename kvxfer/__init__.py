@@ -4,16 +4,18 @@ Importing kvxfer loads only torch and numpy; each backend's library (ucxx, nixl,
 zmq, lz4) is imported when that feature is first used.
 """
 
+from .agent import Agent, Peer
 from .errors import (AgentClosed, BackendUnavailable, BlockOutOfRange, KvxferError,
                      LayoutMismatch, LocalProtocolError, PeerUnreachable, ProtocolError,
                      RemoteError, RemoteProtocolError, TransferFailed, TransferTimeout)
+from .handle import TransferHandle
 from .layout import KVLayout, LayoutDescriptor, Region
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AgentClosed", "BackendUnavailable", "BlockOutOfRange", "KVLayout", "KvxferError",
+    "Agent", "AgentClosed", "BackendUnavailable", "BlockOutOfRange", "KVLayout", "KvxferError",
     "LayoutDescriptor", "LayoutMismatch", "LocalProtocolError", "PeerUnreachable",
-    "ProtocolError", "Region", "RemoteError", "RemoteProtocolError", "TransferFailed",
-    "TransferTimeout", "__version__",
+    "Peer", "ProtocolError", "Region", "RemoteError", "RemoteProtocolError", "TransferFailed",
+    "TransferHandle", "TransferTimeout", "__version__",
 ]

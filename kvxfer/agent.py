@@ -1,0 +1,295 @@
+"""Agent: the public face of kvxfer. Register KV memory, meet peers, move blocks.
+
+An Agent owns one backend, one registered KV cache, its peers and a watchdog thread
+that fails transfers past their deadline. It turns block-id requests into chunks
+(:mod:`kvxfer.plan`) and hands them to the backend with a :class:`TransferHandle`.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import threading
+import time
+from typing import Iterable, Sequence
+
+from .backends import BackendConfig, BackendPeer, PeerInfo, get_backend
+from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolError
+from .handle import TransferHandle
+from .layout import KVLayout, LayoutDescriptor
+from .memory import RegisteredMemory
+from .plan import merge_runs, plan_chunks
+
+METADATA_MAGIC = b"KVXM1"
+MAX_NOTIFY = 64 << 10
+WATCHDOG_PERIOD = 0.05
+
+
+class Peer:
+    """A remote agent this agent can read from and write to (from :meth:`Agent.add_peer`)."""
+
+    def __init__(self, info: PeerInfo, conn: BackendPeer) -> None:
+        self.name = info.name
+        self.address = info.address
+        self.descriptor: LayoutDescriptor = info.descriptor
+        self._conn = conn
+
+    @property
+    def alive(self) -> bool:
+        return self._conn.alive
+
+    def __repr__(self) -> str:
+        return f"Peer({self.name!r} at {self.address}, {'up' if self.alive else 'down'})"
+
+
+def decode_metadata(data: bytes) -> PeerInfo:
+    """Parse another agent's :meth:`Agent.metadata` bytes.
+
+    Raises:
+        RemoteProtocolError: the bytes are not kvxfer agent metadata.
+    """
+    data = bytes(data)
+    if not data.startswith(METADATA_MAGIC):
+        raise RemoteProtocolError("not kvxfer agent metadata (bad magic)")
+    try:
+        raw = json.loads(data[len(METADATA_MAGIC):].decode())
+        descriptor = LayoutDescriptor.from_bytes(json.dumps(raw["descriptor"]).encode())
+        return PeerInfo(name=str(raw["name"]), backend=str(raw["backend"]),
+                        address=str(raw["address"]), descriptor=descriptor,
+                        backend_metadata=base64.b64decode(raw["backend_metadata"]))
+    except (ValueError, KeyError, TypeError, KvxferError) as exc:
+        raise RemoteProtocolError(f"malformed agent metadata: {exc}") from exc
+
+
+class Agent:
+    """Moves KV blocks between this process and peers.
+
+    Args:
+        name: unique name of this agent among its peers.
+        backend: "tcp" (built in) or another registered backend.
+        listen: "host:port" where the backend accepts peers (port 0: any free port).
+        chunk_bytes: largest piece a transfer is split into.
+        max_inflight: chunks outstanding per peer; with chunk_bytes, bounds memory.
+        transfer_timeout: default deadline of a transfer, in seconds.
+        connect_timeout: seconds to reach a peer.
+        staged: move host memory through staging buffers as CUDA memory is.
+
+    Raises:
+        BackendUnavailable: the backend's library is missing (names the pip extra).
+        PeerUnreachable: cannot listen on ``listen``.
+    """
+
+    def __init__(self, name: str, backend: str = "tcp", listen: str = "127.0.0.1:0", *,
+                 chunk_bytes: int = 4 << 20, max_inflight: int = 4,
+                 transfer_timeout: float = 30.0, connect_timeout: float = 10.0,
+                 staged: bool = False) -> None:
+        if not name or not isinstance(name, str):
+            raise ValueError("an agent needs a non-empty name")
+        if transfer_timeout <= 0:
+            raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
+        self.name = name
+        self.transfer_timeout = float(transfer_timeout)
+        self.config = BackendConfig(chunk_bytes=chunk_bytes, max_inflight=max_inflight,
+                                    connect_timeout=connect_timeout, staged=staged)
+        self.backend = get_backend(backend)(name, listen, self.config)
+        self.backend_name = backend
+        self._lock = threading.Lock()
+        self._closed = False
+        self._layout: KVLayout | None = None
+        self._memory: RegisteredMemory | None = None
+        self._peers: dict[str, Peer] = {}
+        self._notes: list[tuple[str, bytes]] = []
+        self._pending: set[TransferHandle] = set()
+        self._ids = itertools.count(1)
+        self._stop = threading.Event()
+        self._watchdog = threading.Thread(target=self._watch, daemon=True,
+                                          name=f"kvxfer-watchdog[{name}]")
+        self._watchdog.start()
+
+    # ------------------------------------------------------------ lifecycle
+    def __enter__(self) -> "Agent":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Fail pending transfers, close connections, join threads. Idempotent."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            pending = list(self._pending)
+        self._stop.set()
+        try:
+            self.backend.close()
+        finally:
+            for handle in pending:
+                handle.fail(AgentClosed(f"agent {self.name!r} closed"))
+            if self._watchdog is not threading.current_thread():
+                self._watchdog.join(timeout=5)
+            self._memory = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise AgentClosed(f"agent {self.name!r} is closed")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCHDOG_PERIOD):
+            now = time.monotonic()
+            with self._lock:
+                expired = [h for h in self._pending if h.deadline <= now]
+            for handle in expired:
+                handle.expire()
+
+    # ---------------------------------------------------------- registration
+    def register_kv_cache(self, layout: KVLayout) -> None:
+        """Register the engine's KV cache; peers may read and write it from now on.
+
+        Raises:
+            KvxferError: a KV cache is already registered, or the agent is closed.
+            TypeError: ``layout`` is not a KVLayout.
+        """
+        self._check_open()
+        if not isinstance(layout, KVLayout):
+            raise TypeError(f"register_kv_cache takes a KVLayout, got {type(layout).__name__}")
+        with self._lock:
+            if self._layout is not None:
+                raise KvxferError(f"agent {self.name!r} already has a KV cache registered")
+            self._layout = layout
+            self._memory = RegisteredMemory(layout, staged=self.config.staged)
+        self.backend.start(self._memory, self._on_notify)
+
+    @property
+    def layout(self) -> KVLayout:
+        if self._layout is None:
+            raise KvxferError(f"agent {self.name!r}: call register_kv_cache() first")
+        return self._layout
+
+    def metadata(self) -> bytes:
+        """Bytes a peer passes to its :meth:`add_peer` to reach this agent."""
+        self._check_open()
+        body = {"name": self.name, "backend": self.backend_name,
+                "address": self.backend.address(),
+                "descriptor": json.loads(self.layout.descriptor.to_bytes()),
+                "backend_metadata": base64.b64encode(self.backend.backend_metadata()).decode()}
+        return METADATA_MAGIC + json.dumps(body, separators=(",", ":")).encode()
+
+    def add_peer(self, metadata: bytes) -> Peer:
+        """Connect to the agent whose :meth:`metadata` this is.
+
+        Raises:
+            RemoteProtocolError: malformed metadata.
+            LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field).
+            PeerUnreachable: another backend, or it cannot be reached.
+        """
+        self._check_open()
+        info = decode_metadata(metadata)
+        if info.name == self.name:
+            raise ValueError(f"agent {self.name!r} cannot add itself as a peer")
+        if info.backend != self.backend_name:
+            raise PeerUnreachable(f"peer {info.name!r} uses backend {info.backend!r}, "
+                                  f"this agent {self.backend_name!r}")
+        self.layout.descriptor.check_compatible(info.descriptor)
+        with self._lock:
+            existing = self._peers.get(info.name)
+            if existing is not None and existing.alive and existing.address == info.address:
+                return existing
+        peer = Peer(info, self.backend.connect(info))
+        with self._lock:
+            self._peers[info.name] = peer
+        return peer
+
+    @property
+    def peers(self) -> dict[str, Peer]:
+        with self._lock:
+            return dict(self._peers)
+
+    # ------------------------------------------------------------ transfers
+    def read(self, peer: Peer, remote_blocks: Sequence[int], local_blocks: Sequence[int],
+             layers: Iterable[int] | None = None, timeout: float | None = None) -> TransferHandle:
+        """Pull the peer's blocks into ours: ``remote_blocks[i]`` -> ``local_blocks[i]``.
+
+        Args:
+            peer: from :meth:`add_peer`.
+            remote_blocks, local_blocks: equally long block-id lists, any order.
+            layers: layer indices to move (default: all).
+            timeout: the transfer's deadline in seconds (default: the agent's).
+
+        Returns:
+            A TransferHandle; ``wait_layer(i)`` returns as soon as layer i has landed.
+
+        Raises:
+            BlockOutOfRange: a local block id or a layer is outside our layout (nothing
+                is sent). A remote id outside the peer's layout fails the handle.
+            ValueError: the lists differ in length, or the peer is not ours.
+            AgentClosed: the agent is closed.
+        """
+        return self._submit("read", peer, local_blocks, remote_blocks, layers, b"", timeout)
+
+    def write(self, peer: Peer, local_blocks: Sequence[int], remote_blocks: Sequence[int],
+              layers: Iterable[int] | None = None, notify: bytes = b"",
+              timeout: float | None = None) -> TransferHandle:
+        """Push our blocks into the peer's: ``local_blocks[i]`` -> ``remote_blocks[i]``.
+
+        Args:
+            notify: delivered to the peer's :meth:`notifications` once every byte of the
+                write has landed there (not delivered if any chunk was refused). A
+                write of no blocks with a notify just sends the message.
+            others: as for :meth:`read`.
+
+        Returns:
+            A TransferHandle; done when the peer has acknowledged every chunk, after
+            which the local source blocks may be reused.
+
+        Raises:
+            As for :meth:`read`; ValueError for a notify over 64 KiB.
+        """
+        notify = bytes(notify)
+        if len(notify) > MAX_NOTIFY:
+            raise ValueError(f"notify of {len(notify)} bytes exceeds {MAX_NOTIFY}")
+        return self._submit("write", peer, local_blocks, remote_blocks, layers, notify, timeout)
+
+    def _submit(self, op: str, peer: Peer, local: Sequence[int], remote: Sequence[int],
+                layers: Iterable[int] | None, notify: bytes,
+                timeout: float | None) -> TransferHandle:
+        self._check_open()
+        layout, memory = self.layout, self._memory
+        assert memory is not None
+        if not isinstance(peer, Peer) or self._peers.get(peer.name) is not peer:
+            raise ValueError(f"{peer!r} is not a peer of agent {self.name!r}")
+        runs = merge_runs(local, remote)
+        layout.check_blocks(lo + n - 1 for lo, _, n in runs)
+        layer_list = layout.normalize_layers(layers)
+        chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, self.config.chunk_bytes)
+        deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
+        handle = TransferHandle(next(self._ids), peer.name, op, layer_list, chunks, notify,
+                                deadline)
+        if handle.done():
+            return handle
+        with self._lock:
+            self._check_open()
+            self._pending.add(handle)
+        handle.add_done_callback(self._forget)
+        self.backend.submit(peer._conn, handle)
+        return handle
+
+    def _forget(self, handle: TransferHandle) -> None:
+        with self._lock:
+            self._pending.discard(handle)
+
+    # --------------------------------------------------------- notifications
+    def _on_notify(self, peer: str, message: bytes) -> None:
+        with self._lock:
+            self._notes.append((peer, message))
+
+    def notifications(self) -> list[tuple[str, bytes]]:
+        """Messages of completed incoming writes since the last call: (peer name, bytes)."""
+        with self._lock:
+            notes, self._notes = self._notes, []
+        return notes
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else self.backend_name
+        return f"Agent({self.name!r}, {state}, {len(self._peers)} peers)"

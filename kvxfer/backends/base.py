@@ -1,0 +1,97 @@
+"""The small interface every transport implements.
+
+A backend moves the bytes of chunks between the registered memory of two agents. The
+Agent owns everything above bytes: layouts, block ids, planning chunks, handles and
+deadlines. A backend:
+
+- binds where it listens when constructed and says how to reach it (``address``,
+  ``backend_metadata``), which the Agent puts into its metadata bytes;
+- ``start``s serving once a KV cache is registered: two-sided backends answer READ
+  requests and place incoming WRITEs after ``memory.check`` accepted them; one-sided
+  backends register the memory with their library;
+- ``connect``s to a peer described by a :class:`PeerInfo` (one connection per peer,
+  reused for every request) and ``submit``s handles to it, reporting each chunk with
+  ``handle.chunk_done`` or the whole with ``handle.fail``;
+- ``close``s idempotently, failing what is pending and joining its threads.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Callable, ClassVar
+
+from ..handle import TransferHandle
+from ..layout import LayoutDescriptor
+from ..memory import RegisteredMemory
+
+NotifySink = Callable[[str, bytes], None]  # (peer name, message) of a completed incoming write
+
+
+@dataclass(frozen=True, slots=True)
+class BackendConfig:
+    chunk_bytes: int = 4 << 20  # payload of one chunk
+    max_inflight: int = 4  # chunks outstanding per peer connection
+    connect_timeout: float = 10.0  # seconds to reach a peer and finish the hello
+    staged: bool = False  # send host memory through staging buffers too (tests the GPU path)
+
+    def __post_init__(self) -> None:
+        if self.chunk_bytes < 1 or self.max_inflight < 1 or self.connect_timeout <= 0:
+            raise ValueError(f"invalid backend config: {self}")
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    name: str
+    backend: str
+    address: str  # where its backend listens ("host:port" for TCP)
+    descriptor: LayoutDescriptor
+    backend_metadata: bytes  # opaque to the Agent (a NIXL agent's metadata, say)
+
+
+class BackendPeer(ABC):
+    """A backend's connection to one peer."""
+
+    name: str
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool: ...
+
+
+class Backend(ABC):
+    """Base class of transports; see the module docstring for the contract."""
+
+    name: ClassVar[str]
+    one_sided: ClassVar[bool]
+
+    def __init__(self, agent_name: str, listen: str, config: BackendConfig) -> None:
+        self.agent_name = agent_name
+        self.listen = listen
+        self.config = config
+
+    @abstractmethod
+    def start(self, memory: RegisteredMemory, notify: NotifySink) -> None: ...
+
+    @abstractmethod
+    def address(self) -> str: ...
+
+    def backend_metadata(self) -> bytes:
+        return b""
+
+    @abstractmethod
+    def connect(self, peer: PeerInfo) -> BackendPeer: ...
+
+    @abstractmethod
+    def submit(self, peer: BackendPeer, handle: TransferHandle) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+def parse_host_port(address: str) -> tuple[str, int]:
+    """Split "host:port" (IPv6 as "[::1]:port")."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must be 'host:port', got {address!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)

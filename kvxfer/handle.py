@@ -1,0 +1,200 @@
+"""TransferHandle: the caller's view of one read or write, with per-layer readiness.
+
+A handle is created by the Agent, filled in by a backend's threads (``chunk_done``,
+``fail``) and watched by the engine (``wait``, ``wait_layer``, ``done``, ``await``).
+
+States: PENDING -> DONE | FAILED | CANCELLED, once. ``data_lock`` is held by a backend
+while bytes land in local memory; ``cancel`` and deadline expiry take it, so once they
+return no further byte of this transfer is written into the engine's blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any, Callable, Generator, Sequence
+
+from .errors import TransferFailed, TransferTimeout
+from .plan import Chunk
+
+PENDING, DONE, FAILED, CANCELLED = "pending", "done", "failed", "cancelled"
+
+
+class TransferHandle:
+    """One read or write in flight. Returned by :meth:`Agent.read` / :meth:`Agent.write`."""
+
+    def __init__(self, request_id: int, peer: str, op: str, layers: Sequence[int],
+                 chunks: Sequence[Chunk], notify: bytes, deadline: float) -> None:
+        self.request_id = request_id
+        self.peer = peer
+        self.op = op  # "read" or "write"
+        self.layers = tuple(layers)
+        self.chunks = tuple(chunks)
+        self.notify = notify
+        self.deadline = deadline  # time.monotonic() after which the transfer fails
+        self.nbytes = sum(c.nbytes for c in chunks)
+        self.data_lock = threading.Lock()  # held by a backend while placing bytes locally
+        self._cond = threading.Condition()
+        self._state = PENDING
+        self._error: TransferFailed | None = None
+        self._chunks_left = len(chunks)
+        self._layer_left = dict.fromkeys(self.layers, 0)
+        for chunk in chunks:
+            for layer in chunk.layers:
+                self._layer_left[layer] += 1
+        self._callbacks: list[Callable[["TransferHandle"], Any]] = []
+        if not chunks and not notify:
+            self._state = DONE
+
+    # -------------------------------------------------------- backend-facing
+    @property
+    def active(self) -> bool:
+        """Still pending: a backend should keep working on it."""
+        return self._state == PENDING
+
+    def chunk_done(self, chunk: Chunk) -> None:
+        """A chunk has landed (read) or been acknowledged by the peer (write)."""
+        with self._cond:
+            if self._state != PENDING:
+                return
+            for layer in chunk.layers:
+                self._layer_left[layer] -= 1
+            self._chunks_left -= 1
+            finished = self._chunks_left <= 0
+            if finished:
+                self._state = DONE
+            self._cond.notify_all()
+        if finished:
+            self._run_callbacks()
+
+    def message_done(self) -> None:
+        """A chunk-less write (notification only) was acknowledged."""
+        with self._cond:
+            if self._state != PENDING:
+                return
+            self._state = DONE
+            self._cond.notify_all()
+        self._run_callbacks()
+
+    def fail(self, exc: BaseException, state: str = FAILED) -> bool:
+        """Fail the transfer with ``exc`` (wrapped in TransferFailed); first call wins."""
+        if not isinstance(exc, TransferFailed):
+            exc = TransferFailed(f"{self.op} #{self.request_id} with {self.peer!r} failed: {exc}",
+                                 peer=self.peer, request_id=self.request_id, cause=exc)
+        with self._cond:
+            if self._state != PENDING:
+                return False
+            self._state, self._error = state, exc
+            self._cond.notify_all()
+        self._run_callbacks()
+        return True
+
+    def expire(self) -> bool:
+        """Fail with TransferTimeout once the deadline has passed (after in-flight bytes)."""
+        with self.data_lock:
+            return self.fail(TransferTimeout(
+                f"{self.op} #{self.request_id} with {self.peer!r} passed its deadline",
+                peer=self.peer, request_id=self.request_id))
+
+    def _run_callbacks(self) -> None:
+        with self._cond:
+            callbacks, self._callbacks = self._callbacks, []
+        for cb in callbacks:
+            cb(self)
+
+    # ----------------------------------------------------------- public API
+    @property
+    def status(self) -> str:
+        """"pending", "done", "failed" or "cancelled"."""
+        return self._state
+
+    @property
+    def error(self) -> TransferFailed | None:
+        return self._error
+
+    def done(self) -> bool:
+        """True once the transfer finished, successfully or not."""
+        return self._state != PENDING
+
+    def cancel(self) -> bool:
+        """Stop the transfer; after this returns no further byte lands in local memory.
+
+        Returns:
+            True if it was pending and is now cancelled.
+        """
+        with self.data_lock:
+            return self.fail(TransferFailed(f"{self.op} #{self.request_id} was cancelled",
+                                            peer=self.peer, request_id=self.request_id),
+                             state=CANCELLED)
+
+    def _wait_for(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
+        now = time.monotonic()
+        limit = self.deadline if timeout is None else min(self.deadline, now + timeout)
+        with self._cond:
+            while not ready() and self._state == PENDING:
+                left = limit - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            if ready():
+                return
+            if self._error is not None:
+                raise self._error
+        if time.monotonic() >= self.deadline:
+            self.expire()
+            if self._error is not None:
+                raise self._error
+            if ready():
+                return
+        raise TransferTimeout(f"{what} of {self.op} #{self.request_id} not ready within "
+                              f"{timeout} s (the transfer goes on)", peer=self.peer,
+                              request_id=self.request_id)
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Block until the transfer is done.
+
+        Args:
+            timeout: seconds to wait; None waits until the transfer's own deadline.
+
+        Raises:
+            TransferFailed: the transfer failed (``.cause`` says why) or was cancelled.
+            TransferTimeout: the deadline passed (the transfer is then failed), or
+                ``timeout`` passed first (the transfer goes on).
+        """
+        self._wait_for(lambda: self._state == DONE, timeout, "completion")
+
+    def wait_layer(self, layer: int, timeout: float | None = None) -> None:
+        """Block until every chunk of ``layer`` has landed (read) or been acknowledged.
+
+        Raises:
+            ValueError: the layer is not part of this transfer.
+            TransferFailed, TransferTimeout: as for :meth:`wait`.
+        """
+        if layer not in self._layer_left:
+            raise ValueError(f"layer {layer} is not part of this transfer ({self.layers})")
+        self._wait_for(lambda: self._layer_left[layer] <= 0 or self._state == DONE,
+                       timeout, f"layer {layer}")
+
+    def add_done_callback(self, fn: Callable[["TransferHandle"], Any]) -> None:
+        """Call ``fn(handle)`` once it is done (at once if it already is), from any thread."""
+        with self._cond:
+            if self._state == PENDING:
+                self._callbacks.append(fn)
+                return
+        fn(self)
+
+    def __await__(self) -> Generator[Any, None, None]:
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+
+        def wake(_: "TransferHandle") -> None:
+            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+
+        self.add_done_callback(wake)
+        yield from fut.__await__()
+        self.wait(timeout=0)
+
+    def __repr__(self) -> str:
+        return (f"TransferHandle(#{self.request_id} {self.op} {self.peer!r}, {self._state}, "
+                f"{self.nbytes} B in {len(self.chunks)} chunks)")

@@ -1,0 +1,136 @@
+"""RegisteredMemory: what a backend may touch of a registered KV cache, in bytes.
+
+Backends know nothing of layouts. They get this map, which answers three questions
+about a chunk given as (layers, runs of block ids) on this side:
+
+- ``check``: is every layer and block in range, and how many bytes is the chunk? Called
+  on every request from a peer before a byte is read or written.
+- ``host_buffers``: writable memoryviews over the chunk's blocks, in wire order, for
+  host memory (scatter-gather I/O straight from and into the engine's tensors).
+- ``pack_into`` / ``unpack_from``: copy the chunk to or from one contiguous staging
+  buffer (pinned host memory for CUDA tensors), using the packing kernel.
+
+Wire order of a chunk: for each layer, for each part, for each run, the run's blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .errors import BlockOutOfRange, LayoutMismatch
+from .layout import KVLayout, LayoutDescriptor
+
+Runs = Sequence[tuple[int, int]]  # (first block, count)
+
+
+class RegisteredMemory:
+    """Byte-level access to one KVLayout's blocks.
+
+    Args:
+        layout: the registered layout.
+        staged: move host memory through a contiguous staging buffer too (CUDA memory
+            always is); lets a host-only machine exercise the CUDA code path.
+    """
+
+    def __init__(self, layout: KVLayout, staged: bool = False) -> None:
+        self.layout = layout
+        self.num_layers = layout.num_layers
+        self.num_blocks = layout.num_blocks
+        self.num_parts = len(layout.parts)
+        self.block_bytes = layout.block_bytes
+        self.layer_block_bytes = self.block_bytes * self.num_parts
+        self.descriptor_bytes = layout.descriptor.to_bytes()
+        self.is_host = layout.device.type == "cpu"
+        self.staged = staged or not self.is_host
+        # Host regions: a flat byte view of each region's storage and the offset of block 0.
+        self._views: list[memoryview] = []
+        self._offsets: list[int] = []
+        self._strides: list[int] = []
+        if self.is_host:
+            for region in layout.regions:
+                storage = torch.empty(0, dtype=torch.uint8).set_(region.view.untyped_storage())
+                self._views.append(memoryview(storage.numpy()).cast("B"))
+                self._offsets.append(region.view.storage_offset() * region.view.element_size())
+                self._strides.append(region.block_stride)
+
+    # ------------------------------------------------------------------ checks
+    def check(self, layers: Sequence[int], runs: Runs) -> int:
+        """Validate a chunk against the layout; returns its size in bytes.
+
+        Raises:
+            BlockOutOfRange: a layer or block is outside the layout, or layers are not
+                strictly ascending.
+        """
+        prev = -1
+        for layer in layers:
+            if not prev < layer < self.num_layers:
+                raise BlockOutOfRange(f"layer {layer} is out of range [0, {self.num_layers}) "
+                                      "or out of order")
+            prev = layer
+        blocks = 0
+        for start, count in runs:
+            if count <= 0 or start < 0 or start + count > self.num_blocks:
+                raise BlockOutOfRange(f"blocks [{start}, {start + count}) outside the "
+                                      f"registered [0, {self.num_blocks})")
+            blocks += count
+        return blocks * self.layer_block_bytes * len(layers)
+
+    def check_peer(self, raw_descriptor: bytes) -> LayoutDescriptor:
+        """Decode a peer's layout descriptor and check it can exchange blocks with ours.
+
+        Raises:
+            LayoutMismatch: naming the first differing field.
+        """
+        theirs = LayoutDescriptor.from_bytes(raw_descriptor)
+        self.layout.descriptor.check_compatible(theirs)
+        return theirs
+
+    # ---------------------------------------------------------- host (zero copy)
+    def host_buffers(self, layers: Sequence[int], runs: Runs) -> list[memoryview]:
+        """Memoryviews over the chunk's bytes in wire order (host memory only)."""
+        if not self.is_host:
+            raise LayoutMismatch("host_buffers() needs host memory", field="device")
+        out: list[memoryview] = []
+        bb = self.block_bytes
+        for layer in layers:
+            for r in range(layer * self.num_parts, (layer + 1) * self.num_parts):
+                view, base, stride = self._views[r], self._offsets[r], self._strides[r]
+                for start, count in runs:
+                    off = base + start * stride
+                    if stride == bb:
+                        out.append(view[off:off + count * bb])
+                    else:
+                        out.extend(view[off + i * stride:off + i * stride + bb]
+                                   for i in range(count))
+        return out
+
+    # ------------------------------------------------------------------ staged
+    @staticmethod
+    def _block_ids(runs: Runs) -> torch.Tensor:
+        return torch.cat([torch.arange(s, s + n, dtype=torch.int64) for s, n in runs])
+
+    def pack_into(self, layers: Sequence[int], runs: Runs, out: torch.Tensor) -> None:
+        """Copy the chunk into the contiguous uint8 tensor ``out`` (its first bytes)."""
+        from .packing import pack, packed_nbytes
+
+        ids = self._block_ids(runs)
+        n = packed_nbytes(self.layout, len(ids), layers)
+        pack(self.layout, ids, layers, out=out[:n])
+        if out.device.type == "cpu" and not self.is_host:
+            torch.cuda.current_stream(self.layout.device).synchronize()
+
+    def unpack_from(self, layers: Sequence[int], runs: Runs, src: torch.Tensor) -> None:
+        """Scatter the contiguous uint8 tensor ``src`` into the chunk's blocks."""
+        from .packing import packed_nbytes, unpack
+
+        ids = self._block_ids(runs)
+        n = packed_nbytes(self.layout, len(ids), layers)
+        unpack(self.layout, ids, layers, src[:n])
+        if not self.is_host:
+            torch.cuda.current_stream(self.layout.device).synchronize()
+
+    def staging_buffer(self, nbytes: int) -> torch.Tensor:
+        """A host buffer for staged chunks: pinned when the KV cache is on a GPU."""
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=not self.is_host)

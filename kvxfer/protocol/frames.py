@@ -1,0 +1,240 @@
+"""Frames of the kvxfer wire protocol and their byte encoding.
+
+Theory of operation
+-------------------
+Every frame is a fixed 20-byte header, a typed body, and an optional payload::
+
+     0       4   5   6       8           12                      20
+    +-------+---+---+-------+-----------+-----------------------+------//------+----//----+
+    | magic |ver|typ| flags | body_len  | payload_len           | body         | payload  |
+    | KVXF  |u8 |u8 | u16   | u32       | u64                   | body_len B   | payl. B  |
+    +-------+---+---+-------+-----------+-----------------------+------//------+----//----+
+    all integers big-endian
+
+Bodies (``runs`` are (first block id, block count) pairs on the receiver's side)::
+
+    HELLO       u16 name_len, name, u32 desc_len, descriptor (JSON of LayoutDescriptor)
+    READ        u64 request, u32 chunk, u16 n_layers, u32 n_runs, n_layers*u16, n_runs*(u32,u32)
+    WRITE       as READ, then u32 notify_len, notify     (payload: the chunk's bytes)
+    DATA        u64 request, u32 chunk                   (payload: the chunk's bytes)
+    COMPLETION  u64 request, u32 chunk
+    ERROR       u64 request, u32 chunk, u16 code, u16 msg_len, msg (utf-8)
+    CLOSE       u16 reason_len, reason
+
+A chunk's payload is, in this order: for each layer listed, for each part (K, V or the
+MLA latent), for each run, the run's blocks. The packing module draws the same order.
+
+Decoding checks structure only (magic, version, type, sizes, body consistency). Whether
+block ids fit the registered KV cache is checked by the receiver's memory map before a
+payload byte is placed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Union
+
+from ..errors import RemoteProtocolError
+
+MAGIC = b"KVXF"
+VERSION = 1
+HEADER = struct.Struct("!4sBBHIQ")
+HEADER_SIZE = HEADER.size  # 20
+
+T_HELLO, T_READ, T_WRITE, T_DATA, T_COMPLETION, T_ERROR, T_CLOSE = range(1, 8)
+FLAG_LAST = 0x1  # WRITE: the request's last chunk; its notify is delivered after it lands
+
+# Error codes carried by ERROR frames.
+E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING = range(1, 7)
+
+_REQ = struct.Struct("!QI")
+_XFER = struct.Struct("!QIHI")
+_ERR = struct.Struct("!QIHH")
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
+MAX_NAME = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    name: str  # the sending agent's name
+    descriptor: bytes  # its LayoutDescriptor, encoded
+    version: int = VERSION
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    request_id: int
+    chunk: int
+    layers: tuple[int, ...]
+    runs: tuple[tuple[int, int], ...]  # (first block, count) on the server's side
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    request_id: int
+    chunk: int
+    layers: tuple[int, ...]
+    runs: tuple[tuple[int, int], ...]  # (first block, count) on the receiver's side
+    payload_len: int
+    last: bool = False
+    notify: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    request_id: int
+    chunk: int
+    payload_len: int
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    request_id: int
+    chunk: int
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    request_id: int  # 0: the connection itself
+    chunk: int
+    code: int
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    reason: str = ""
+
+
+Frame = Union[Hello, ReadRequest, Write, Data, Completion, Error, Close]
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    version: int
+    type: int
+    flags: int
+    body_len: int
+    payload_len: int = field(default=0)
+
+
+def _s(text: str, limit: int = 0xFFFF) -> bytes:
+    raw = text.encode("utf-8", "replace")[:limit]
+    return _U16.pack(len(raw)) + raw
+
+
+def _xfer_body(f: ReadRequest | Write) -> bytes:
+    n_layers, n_runs = len(f.layers), len(f.runs)
+    flat = [x for run in f.runs for x in run]
+    return (_XFER.pack(f.request_id, f.chunk, n_layers, n_runs)
+            + struct.pack(f"!{n_layers}H", *f.layers) + struct.pack(f"!{2 * n_runs}I", *flat))
+
+
+def encode_body(frame: Frame) -> tuple[int, int, bytes, int]:
+    """(type, flags, body, payload_len) of a frame."""
+    if isinstance(frame, Hello):
+        name = frame.name.encode()
+        return T_HELLO, 0, (_U16.pack(len(name)) + name + _U32.pack(len(frame.descriptor))
+                            + frame.descriptor), 0
+    if isinstance(frame, ReadRequest):
+        return T_READ, 0, _xfer_body(frame), 0
+    if isinstance(frame, Write):
+        body = _xfer_body(frame) + _U32.pack(len(frame.notify)) + frame.notify
+        return T_WRITE, FLAG_LAST if frame.last else 0, body, frame.payload_len
+    if isinstance(frame, Data):
+        return T_DATA, 0, _REQ.pack(frame.request_id, frame.chunk), frame.payload_len
+    if isinstance(frame, Completion):
+        return T_COMPLETION, 0, _REQ.pack(frame.request_id, frame.chunk), 0
+    if isinstance(frame, Error):
+        msg = frame.message.encode("utf-8", "replace")[:0xFFFF]
+        return T_ERROR, 0, _ERR.pack(frame.request_id, frame.chunk, frame.code, len(msg)) + msg, 0
+    if isinstance(frame, Close):
+        return T_CLOSE, 0, _s(frame.reason), 0
+    raise TypeError(f"not a kvxfer frame: {frame!r}")
+
+
+def parse_header(raw: bytes | memoryview) -> Header:
+    magic, version, ftype, flags, body_len, payload_len = HEADER.unpack(raw)
+    if magic != MAGIC:
+        raise RemoteProtocolError(f"bad magic {bytes(magic)!r}: not a kvxfer stream")
+    if version != VERSION:
+        raise RemoteProtocolError(f"unsupported protocol version {version} (we speak {VERSION})")
+    if not T_HELLO <= ftype <= T_CLOSE:
+        raise RemoteProtocolError(f"unknown frame type {ftype}")
+    if payload_len and ftype not in (T_WRITE, T_DATA):
+        raise RemoteProtocolError(f"frame type {ftype} cannot carry a payload")
+    return Header(version, ftype, flags, body_len, payload_len)
+
+
+class _Reader:
+    """Bounds-checked cursor over one body; any overrun is a RemoteProtocolError."""
+
+    __slots__ = ("buf", "pos")
+
+    def __init__(self, buf: memoryview) -> None:
+        self.buf, self.pos = buf, 0
+
+    def take(self, n: int) -> memoryview:
+        if n < 0 or self.pos + n > len(self.buf):
+            raise RemoteProtocolError(f"frame body truncated: needs {self.pos + n} bytes, "
+                                      f"has {len(self.buf)}")
+        out = self.buf[self.pos:self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, st: struct.Struct) -> tuple:
+        return st.unpack(self.take(st.size))
+
+    def text(self, n: int) -> str:
+        try:
+            return bytes(self.take(n)).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RemoteProtocolError(f"text field is not utf-8: {exc}") from exc
+
+    def end(self) -> None:
+        if self.pos != len(self.buf):
+            raise RemoteProtocolError(f"{len(self.buf) - self.pos} stray bytes after frame body")
+
+
+def _xfer_fields(r: _Reader) -> tuple[int, int, tuple[int, ...], tuple[tuple[int, int], ...]]:
+    request_id, chunk, n_layers, n_runs = r.unpack(_XFER)
+    layers = struct.unpack(f"!{n_layers}H", r.take(2 * n_layers))
+    flat = struct.unpack(f"!{2 * n_runs}I", r.take(8 * n_runs))
+    runs = tuple(zip(flat[0::2], flat[1::2]))
+    for start, count in runs:
+        if count == 0:
+            raise RemoteProtocolError(f"empty run at block {start}")
+    return request_id, chunk, layers, runs
+
+
+def decode_body(h: Header, body: memoryview) -> Frame:
+    """Decode a body whose header is already checked."""
+    r = _Reader(body)
+    if h.type == T_HELLO:
+        (n,) = r.unpack(_U16)
+        if n > MAX_NAME:
+            raise RemoteProtocolError(f"agent name of {n} bytes exceeds {MAX_NAME}")
+        name = r.text(n)
+        (d,) = r.unpack(_U32)
+        frame: Frame = Hello(name=name, descriptor=bytes(r.take(d)), version=h.version)
+    elif h.type == T_READ:
+        frame = ReadRequest(*_xfer_fields(r))
+    elif h.type == T_WRITE:
+        request_id, chunk, layers, runs = _xfer_fields(r)
+        (n,) = r.unpack(_U32)
+        frame = Write(request_id, chunk, layers, runs, payload_len=h.payload_len,
+                      last=bool(h.flags & FLAG_LAST), notify=bytes(r.take(n)))
+    elif h.type == T_DATA:
+        frame = Data(*r.unpack(_REQ), payload_len=h.payload_len)
+    elif h.type == T_COMPLETION:
+        frame = Completion(*r.unpack(_REQ))
+    elif h.type == T_ERROR:
+        request_id, chunk, code, n = r.unpack(_ERR)
+        frame = Error(request_id, chunk, code, r.text(n))
+    else:
+        (n,) = r.unpack(_U16)
+        frame = Close(r.text(n))
+    r.end()
+    return frame
