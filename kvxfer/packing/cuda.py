@@ -21,7 +21,7 @@ from ..layout import KVLayout
 from .plan import PackPlan
 
 KERNEL_FILE = "kv_pack.cu"
-NVRTC_OPTIONS = ("--std=c++17",)
+NVRTC_OPTIONS: tuple[str, ...] = ()  # NVRTC defaults (C++17); cupy adds -arch and -ftz
 THREADS = 256  # per CTA
 CTAS_PER_SM = 8  # grid = min(rows' groups, CTAS_PER_SM * SMs), grid-striding over rows
 WIDTHS = (16, 8, 4, 2, 1)
