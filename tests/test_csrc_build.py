@@ -103,3 +103,119 @@ def test_nvrtc_compiles_runtime_source():
     lib.nvrtcDestroyProgram(ctypes.byref(prog))
     assert rc == 0, log.value.decode(errors="replace")
     assert "warning" not in log.value.decode(errors="replace").lower(), log.value
+
+
+# ------------------------------------------------ the kernel's logic, run on the host
+# With no barriers and no shared memory, a grid is correct iff running its threads one
+# after another is: this harness compiles kv_pack.cu as plain C++ (CUDA keywords
+# defined away, blockIdx/threadIdx as globals) and runs every thread of the launch the
+# runtime would make, so the kernel's indexing is checked byte for byte without a GPU.
+HARNESS = r"""
+#include <cstdint>
+struct kv_dim3 { unsigned x, y, z; };
+static kv_dim3 blockIdx, threadIdx, blockDim, gridDim;
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __restrict__
+#define __align__(n) alignas(n)
+#include KV_PACK_CU
+typedef void (*kv_fn)(unsigned long long, unsigned long long, unsigned long long, int, int,
+                      int, long long, long long, long long);
+extern "C" int kv_emulate(int gather, int width, unsigned grid, unsigned threads,
+                          unsigned long long table, unsigned long long ids,
+                          unsigned long long packed, int r, int b, int s,
+                          long long off, long long pitch, long long bytes) {
+  kv_fn fn = 0;
+  switch (width) {
+    case 16: fn = gather ? kv_pack_w16 : kv_unpack_w16; break;
+    case 8: fn = gather ? kv_pack_w8 : kv_unpack_w8; break;
+    case 4: fn = gather ? kv_pack_w4 : kv_unpack_w4; break;
+    case 2: fn = gather ? kv_pack_w2 : kv_unpack_w2; break;
+    case 1: fn = gather ? kv_pack_w1 : kv_unpack_w1; break;
+    default: return 1;
+  }
+  blockDim.x = threads; gridDim.x = grid;
+  for (unsigned bx = 0; bx < grid; ++bx)
+    for (unsigned tx = 0; tx < threads; ++tx) {
+      blockIdx.x = bx; threadIdx.x = tx;
+      fn(table, ids, packed, r, b, s, off, pitch, bytes);
+    }
+  return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def emulator(runtime_source):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to run the kernel's logic on the CPU")
+    harness = runtime_source.parent / "harness.cpp"
+    harness.write_text(HARNESS)
+    lib_path = runtime_source.parent / "kv_emulate.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-Wno-unknown-pragmas",
+           f'-DKV_PACK_CU="{runtime_source}"', "-o", str(lib_path), str(harness)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return ctypes.CDLL(str(lib_path))
+
+
+def _emulate(lib, plan, packed, gather: bool, num_sms: int = 2) -> int:
+    import torch
+    table = torch.tensor([r.base for r in plan.regions] + [r.block_stride for r in plan.regions],
+                         dtype=torch.int64)
+    width = pcuda.access_width(plan, packed.data_ptr())
+    grid, threads = pcuda.launch_config(plan, width, num_sms)
+    u64, i64 = ctypes.c_ulonglong, ctypes.c_longlong
+    rc = lib.kv_emulate(int(gather), width, grid, threads, u64(table.data_ptr()),
+                        u64(plan.ids.data_ptr()), u64(packed.data_ptr()), len(plan.regions),
+                        plan.num_ids, plan.num_segs, i64(plan.seg_off), i64(plan.seg_pitch),
+                        i64(plan.seg_bytes))
+    assert rc == 0
+    return width
+
+
+@pytest.mark.parametrize("order,head_dim,tokens,kv_dim", [
+    ("NHD", 8, 4, 0), ("HND", 8, 4, 1), ("NHD", 3, 5, 1), ("HND", 3, 5, 0), ("NHD", 64, 16, 0)])
+def test_kernel_logic_on_host_matches_reference(emulator, order, head_dim, tokens, kv_dim):
+    import random
+
+    import torch
+
+    from kvxfer.layout import KVLayout
+    from kvxfer.packing.plan import make_plan
+    from kvxfer.packing.reference import pack_reference, unpack_reference
+
+    rng, gen = random.Random(f"{order}{head_dim}{tokens}"), torch.Generator().manual_seed(3)
+    heads, blocks = 4, 40
+    inner = (tokens, heads, head_dim) if order == "NHD" else (heads, tokens, head_dim)
+    shape = (blocks, 2, *inner) if kv_dim else (2, blocks, *inner)
+
+    def cache():
+        return [torch.randint(0, 256, (2 * blocks * tokens * heads * head_dim * 2,),
+                              generator=gen, dtype=torch.uint8).view(torch.float16).view(shape)
+                for _ in range(3)]
+
+    src, a, b = cache(), cache(), cache()
+    for t_a, t_b in zip(a, b):
+        t_b.copy_(t_a)
+    widths = set()
+    for sel in (None, (1, 3), (0, 1), (2, 4)):
+        ids = rng.sample(range(blocks), rng.randint(1, blocks))
+        for layers in (None, [2, 0]):
+            plan = make_plan(KVLayout.vllm(src, order, kv_dim), ids, layers, sel)
+            for shift in (0, 2):  # an aligned and a 2-byte-aligned packed buffer
+                ref = torch.full((plan.nbytes,), 0x5A, dtype=torch.uint8)
+                got = torch.full((plan.nbytes + shift,), 0x5A, dtype=torch.uint8)
+                pack_reference(plan, ref)
+                widths.add(_emulate(emulator, plan, got[shift:], gather=True))
+                assert torch.equal(got[shift:], ref), (sel, layers, shift)
+            # scatter the same random chunk with the emulated kernel and the reference
+            chunk = torch.randint(0, 256, (plan.nbytes,), generator=gen, dtype=torch.uint8)
+            _emulate(emulator, make_plan(KVLayout.vllm(a, order, kv_dim), ids, layers, sel),
+                     chunk, gather=False)
+            unpack_reference(make_plan(KVLayout.vllm(b, order, kv_dim), ids, layers, sel), chunk)
+            assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+                       for x, y in zip(a, b)), (sel, layers)
+    assert len(widths) >= 2, widths
