@@ -142,14 +142,28 @@ def test_round_trip_into_poisoned_cache(kind, dtype):
             assert _bytes_equal(got, want), heads
 
 
-def test_odd_block_bytes_head_dim_3_fp16():
-    for kind in ("vllm_nhd", "vllm_hnd_kv1", "split_kv"):
-        cache = Cache(kind, torch.float16, head_dim=3, seed=5, tokens=5)  # 6-byte heads
-        assert cache.layout.block_bytes == 120
-        for heads in (None, (1, 2), (0, 3)):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.uint8, torch.float32], ids=str)
+def test_odd_block_bytes_head_dim_3(dtype):
+    for kind in ("vllm_nhd", "vllm_hnd_kv1", "split_kv", "mla"):
+        cache = Cache(kind, dtype, head_dim=3, seed=5, tokens=5)  # 3-, 6- or 12-byte heads
+        for heads in _heads_for(kind):
             ids = [9, 2, 4]
             got = pack(cache.layout, ids, heads=heads)
             assert torch.equal(got, cache.oracle_pack(ids, None, heads))
+            dst = Cache(kind, dtype, head_dim=3, seed=6, tokens=5)
+            unpack(dst.layout, [0, 1, 10], None, got, heads=heads)
+            assert torch.equal(pack(dst.layout, [0, 1, 10], heads=heads), got)
+
+
+def test_unaligned_out_and_src():
+    cache = Cache("vllm_hnd", torch.bfloat16)
+    n = packed_nbytes(cache.layout, 3)
+    buf = torch.full((n + 3,), 0x5A, dtype=torch.uint8)
+    pack(cache.layout, [7, 0, 3], out=buf[3:])
+    assert torch.equal(buf[3:], cache.oracle_pack([7, 0, 3])) and bool((buf[:3] == 0x5A).all())
+    dst = Cache("vllm_hnd", torch.bfloat16, seed=4)
+    unpack(dst.layout, [1, 2, 5], None, buf[3:])
+    assert torch.equal(pack(dst.layout, [1, 2, 5]), buf[3:])
 
 
 def test_ids_as_tensors_repeats_and_empty():

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from ..layout import KVLayout
-from .plan import PackPlan
+from .plan import PackPlan, widest_word
 
 KERNEL_FILE = "kv_pack.cu"
 NVRTC_OPTIONS: tuple[str, ...] = ()  # NVRTC defaults (C++17); cupy adds -arch and -ftz
@@ -96,7 +96,7 @@ def access_width(plan: PackPlan, packed_addr: int) -> int:
     values = [packed_addr, plan.seg_off, plan.seg_pitch, plan.seg_bytes]
     for r in plan.regions:
         values += [r.base, r.block_stride]
-    return next(w for w in WIDTHS if all(v % w == 0 for v in values))
+    return widest_word(values, WIDTHS)
 
 
 def launch_config(plan: PackPlan, width: int, num_sms: int) -> tuple[int, int]:

@@ -56,6 +56,11 @@ class PackPlan:
         return self.region_nbytes * len(self.regions)
 
 
+def widest_word(values: Sequence[int], widths: Sequence[int] = (16, 8, 4, 2, 1)) -> int:
+    """The largest width in ``widths`` (descending) dividing every value (bytes)."""
+    return next(w for w in widths if all(v % w == 0 for v in values))
+
+
 def segment_geometry(layout: KVLayout, heads: tuple[int, int] | None) -> tuple[int, int, int, int]:
     """``(num_segs, seg_off, seg_pitch, seg_bytes)`` of a block, whole or head-sliced.
 
