@@ -1,0 +1,143 @@
+"""Two-process KV read benchmark: kvxfer Agent.read vs. a raw socket stream, alternated.
+
+A server process registers a KV cache shaped like a real model (../shared/kv_shapes.json
+geometry; Llama-3.1-8B by default) and also serves a raw TCP stream: on an 8-byte length
+request it sends that many bytes from one preallocated buffer. The client process reads
+the same number of bytes both ways, alternating, and reports medians and the ratio.
+Every kvxfer read is checked byte for byte against the server's deterministic data.
+
+    python benchmarks/bench_transfer.py [--backend tcp] [--tokens 4096 128] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import struct
+import sys
+import threading
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import kvxfer  # noqa: E402
+from kv_models import make_kv_cache, model_geometry  # noqa: E402
+
+
+def _tune(sock: socket.socket) -> None:
+    """The raw baseline gets the same socket options as kvxfer's TCP backend."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+
+
+def _raw_server(lsock: socket.socket, buf: memoryview) -> None:
+    conn, _ = lsock.accept()
+    _tune(conn)
+    with conn:
+        while True:
+            head = conn.recv(8, socket.MSG_WAITALL)
+            if len(head) < 8:
+                return
+            (n,) = struct.unpack("!Q", head)
+            conn.sendall(buf[:n])
+
+
+def server(args: argparse.Namespace, q: "mp.Queue", stop: "mp.Event") -> None:
+    torch.manual_seed(0)
+    geo = model_geometry(args.model)
+    layout = make_kv_cache(geo, args.blocks, seed=1)
+    lsock = socket.create_server(("127.0.0.1", 0))
+    raw = bytearray(layout.bytes_per_block * args.blocks)
+    threading.Thread(target=_raw_server, args=(lsock, memoryview(raw)), daemon=True).start()
+    with kvxfer.Agent("bench-server", backend=args.backend) as agent:
+        agent.register_kv_cache(layout)
+        q.put((agent.metadata(), lsock.getsockname()[1]))
+        stop.wait()
+
+
+def raw_read(sock: socket.socket, dest: memoryview, n: int) -> None:
+    sock.sendall(struct.pack("!Q", n))
+    got = 0
+    while got < n:
+        k = sock.recv_into(dest[got:n])
+        if k == 0:
+            raise ConnectionError("raw server closed")
+        got += k
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="tcp")
+    ap.add_argument("--model", default="llama-3.1-8b")
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 128])
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--chunk-mib", type=float, default=None,
+                    help="kvxfer chunk size (default: the Agent's)")
+    ap.add_argument("--order", choices=["random", "contiguous"], default="random",
+                    help="block ids: a random permutation (scattered) or one run")
+    args = ap.parse_args()
+    geo = model_geometry(args.model)
+    args.blocks = max(args.tokens) // geo.block_size
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=server, args=(args, q, stop), daemon=True)
+    proc.start()
+    meta, raw_port = q.get(timeout=120)
+    local = make_kv_cache(geo, args.blocks, seed=2)
+    expected = make_kv_cache(geo, args.blocks, seed=1)  # what the server holds
+    rows = []
+    options = {} if args.chunk_mib is None else {"chunk_bytes": int(args.chunk_mib * (1 << 20))}
+    with kvxfer.Agent("bench-client", backend=args.backend, **options) as agent:
+        agent.register_kv_cache(local)
+        peer = agent.add_peer(meta)
+        raw = socket.create_connection(("127.0.0.1", raw_port))
+        _tune(raw)
+        sink = memoryview(bytearray(local.bytes_per_block * args.blocks))
+        gen = torch.Generator().manual_seed(3)
+        for tokens in args.tokens:
+            nblocks = tokens // geo.block_size
+            nbytes = nblocks * local.bytes_per_block
+            t_kv, t_raw = [], []
+            for rep in range(args.repeats + 2):  # two warm-ups
+                if args.order == "random":
+                    remote = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
+                    dest = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
+                else:
+                    remote = dest = list(range(nblocks))
+                t0 = time.perf_counter()
+                agent.read(peer, remote, dest).wait(60)
+                t1 = time.perf_counter()
+                raw_read(raw, sink, nbytes)
+                t2 = time.perf_counter()
+                for r in expected.regions[:: max(1, len(expected.regions) // 8)]:
+                    mine = local.region(r.layer, r.part).view
+                    assert torch.equal(mine[dest].view(torch.uint8), r.view[remote].view(torch.uint8)), \
+                        "kvxfer read corrupted KV"
+                if rep >= 2:
+                    t_kv.append(t1 - t0)
+                    t_raw.append(t2 - t1)
+            kv, rw = statistics.median(t_kv), statistics.median(t_raw)
+            rows.append((tokens, nbytes, kv, rw))
+        raw.close()
+    stop.set()
+    proc.join(10)
+    print(f"\nkvxfer read vs raw socket, backend={args.backend}, model={args.model}, "
+          f"block ids {args.order}, chunk {args.chunk_mib or 'default'} MiB, {args.repeats} "
+          "repeats alternated, medians")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python "
+          f"{platform.python_version()}, torch {torch.__version__}")
+    print(f"{'tokens':>7} {'bytes':>11} {'kvxfer ms':>10} {'kvxfer GB/s':>12} {'raw ms':>8} "
+          f"{'raw GB/s':>9} {'ratio':>6}")
+    for tokens, nbytes, kv, rw in rows:
+        print(f"{tokens:>7} {nbytes:>11} {kv * 1e3:>10.2f} {nbytes / kv / 1e9:>12.2f} "
+              f"{rw * 1e3:>8.2f} {nbytes / rw / 1e9:>9.2f} {rw / kv:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""A peer process for integration tests: real agents in a separate process.
+
+The test process starts :func:`peer_main` with ``multiprocessing`` (spawn) and talks to
+it over a Pipe. The peer hosts one Agent per layout spec; each layout is filled with
+bytes that depend only on (spec, seed), so the test can recompute what the peer holds.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import kvxfer
+
+LAYERS, BLOCK_SIZE, HEADS, HEAD_DIM = 3, 4, 2, 16
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
+          "uint8": torch.uint8}  # uint8 stands for fp8 as engines hold it
+
+
+@dataclass(frozen=True)
+class Spec:
+    ctor: str  # "nhd", "hnd", "flashinfer", "split", "mla"
+    dtype: str
+    num_blocks: int = 32
+    layers: int = LAYERS
+
+    @property
+    def key(self) -> str:
+        return f"{self.ctor}-{self.dtype}-{self.num_blocks}-{self.layers}"
+
+
+def _random(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    size = torch.empty(0, dtype=dtype).element_size()
+    return torch.randint(0, 256, (n * size,), dtype=torch.uint8, generator=gen).view(dtype) \
+        .view(shape)
+
+
+def build_layout(spec: Spec, seed: int) -> kvxfer.KVLayout:
+    gen = torch.Generator().manual_seed(seed)
+    dt, nb, L = DTYPES[spec.dtype], spec.num_blocks, spec.layers
+    if spec.ctor == "nhd":
+        return kvxfer.KVLayout.vllm([_random((2, nb, BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen)
+                                     for _ in range(L)], kv_layout="NHD")
+    if spec.ctor == "hnd":
+        return kvxfer.KVLayout.vllm([_random((2, nb, HEADS, BLOCK_SIZE, HEAD_DIM), dt, gen)
+                                     for _ in range(L)], kv_layout="HND")
+    if spec.ctor == "flashinfer":
+        return kvxfer.KVLayout.vllm([_random((nb, 2, BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen)
+                                     for _ in range(L)], kv_layout="NHD", kv_dim=1)
+    if spec.ctor == "split":
+        ks = [_random((nb * BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen) for _ in range(L)]
+        vs = [_random((nb * BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen) for _ in range(L)]
+        return kvxfer.KVLayout.split_kv(ks, vs, BLOCK_SIZE)
+    if spec.ctor == "mla":
+        return kvxfer.KVLayout.mla([_random((nb, BLOCK_SIZE, 3 * HEAD_DIM), dt, gen)
+                                    for _ in range(L)])
+    raise ValueError(spec.ctor)
+
+
+def block_bytes(layout: kvxfer.KVLayout, ids: list[int]) -> list[bytes]:
+    """Per region, the bytes of blocks ``ids`` in that order."""
+    return [r.view[ids].contiguous().view(torch.uint8).numpy().tobytes()
+            for r in layout.regions]
+
+
+def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict) -> None:
+    """Serve agents for ``specs`` until told to stop; answers commands on ``conn``."""
+    agents: dict[str, tuple[kvxfer.Agent, kvxfer.KVLayout]] = {}
+    try:
+        for spec in specs:
+            layout = build_layout(spec, seed)
+            agent = kvxfer.Agent(f"peer-{spec.key}", **options)
+            agent.register_kv_cache(layout)
+            agents[spec.key] = (agent, layout)
+        conn.send({key: agent.metadata() for key, (agent, _) in agents.items()})
+        while True:
+            cmd, *args = conn.recv()
+            if cmd == "stop":
+                break
+            if cmd == "kill":  # die without closing anything, as a crashed process does
+                os.kill(os.getpid(), signal.SIGKILL)
+            agent, layout = agents[args[0]]
+            if cmd == "blocks":
+                conn.send(block_bytes(layout, list(args[1])))
+            elif cmd == "notes":
+                conn.send(agent.notifications())
+            elif cmd == "read_from":  # the peer initiates: read blocks from the test's agent
+                meta, remote, local = args[1:]
+                peer = agent.add_peer(meta)
+                try:
+                    agent.read(peer, remote, local).wait(10)
+                    conn.send("ok")
+                except kvxfer.KvxferError as exc:
+                    conn.send(f"failed: {exc}")
+    finally:
+        for agent, _ in agents.values():
+            agent.close()
+
+
+class PeerProcess:
+    """A spawned process hosting one agent per spec; see kvpeer.peer_main."""
+
+    def __init__(self, specs: list[Spec], seed: int = 1, **options: Any) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=peer_main, args=(child, specs, seed, options), daemon=True)
+        self.proc.start()
+        child.close()
+        self.meta: dict[str, bytes] = self._recv(60)
+
+    def _recv(self, timeout: float) -> Any:
+        if not self.conn.poll(timeout):
+            raise TimeoutError("peer process did not answer")
+        return self.conn.recv()
+
+    def call(self, *cmd: Any, timeout: float = 30) -> Any:
+        self.conn.send(cmd)
+        return self._recv(timeout)
+
+    def kill(self) -> None:
+        self.conn.send(("kill",))
+        self.proc.join(10)
+
+    def stop(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("stop",))
+            except OSError:
+                pass
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.kill()
+                self.proc.join(5)
