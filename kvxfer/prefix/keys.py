@@ -42,8 +42,11 @@ def as_keys(block_hashes: BlockHashes) -> np.ndarray:
     if isinstance(first, (bytes, bytearray)):
         width = len(first)
         if width >= 8 and width % 8 == 0:
-            joined = b"".join(block_hashes)  # type: ignore[arg-type]
-            if len(joined) == n * width:
+            try:
+                joined = b"".join(block_hashes)  # type: ignore[arg-type]
+            except TypeError:
+                joined = b""  # a mix of bytes and ints: take the general path below
+            if len(joined) == n * width and all(len(h) == width for h in block_hashes):
                 words = np.frombuffer(joined, dtype=">u8").reshape(n, width // 8)
                 return words[:, -1].astype(np.uint64)
     elif isinstance(first, int):
