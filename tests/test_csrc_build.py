@@ -118,7 +118,10 @@ static kv_dim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __device__
 #define __forceinline__ inline
 #define __restrict__
-#define __align__(n) alignas(n)
+#define __isGlobal(p) true
+#define __builtin_assume(x) ((void)0)
+struct ulonglong2 { unsigned long long x, y; };
+template <typename T> inline T __ldg(const T* p) { return *p; }
 #include KV_PACK_CU
 typedef void (*kv_fn)(unsigned long long, unsigned long long, unsigned long long, int, int,
                       int, long long, long long, long long);

@@ -36,12 +36,13 @@
 //
 // The packed pointer may be device memory or a mapped pinned-host pointer (the host
 // passes cudaHostGetDevicePointer of it). Pointers arrive as 64-bit integers so the
-// launch needs no array objects. No headers are included: this file compiles as is
+// launch needs no array objects; both live in the global state space, which the
+// kernel tells the compiler so it emits LDG/STG. No headers are included: this file compiles as is
 // with NVRTC (the runtime path) and with nvcc -cubin (CI).
 
 #define KV_UNROLL 4
 
-struct __align__(16) kv_w16 { unsigned long long lo, hi; };
+typedef ulonglong2 kv_w16;  // CUDA's built-in vector types: NVRTC needs no header
 typedef unsigned long long kv_w8;
 typedef unsigned int kv_w4;
 typedef unsigned short kv_w2;
@@ -79,12 +80,15 @@ __device__ __forceinline__ void kv_copy_rows(
     Word* const pk = packed + row * words;
     Word* const dst = GATHER ? pk : blk;
     const Word* const src = GATHER ? blk : pk;
+    // Device and mapped pinned-host memory are both in the global space: global
+    // stores (STG) instead of generic ones; loads go through __ldg (LDG).
+    __builtin_assume(__isGlobal(dst));
     for (long long k = lane; k < words; k += (long long)KV_UNROLL * tpr) {
       Word v[KV_UNROLL];
 #pragma unroll
       for (int j = 0; j < KV_UNROLL; ++j) {
         const long long w = k + (long long)j * tpr;
-        if (w < words) v[j] = src[w];
+        if (w < words) v[j] = __ldg(src + w);  // read-only for the launch: LDG.NC
       }
 #pragma unroll
       for (int j = 0; j < KV_UNROLL; ++j) {

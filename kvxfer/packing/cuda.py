@@ -23,7 +23,7 @@ from .plan import PackPlan, widest_word
 KERNEL_FILE = "kv_pack.cu"
 NVRTC_OPTIONS: tuple[str, ...] = ()  # NVRTC defaults (C++17); cupy adds -arch and -ftz
 THREADS = 256  # per CTA
-CTAS_PER_SM = 8  # grid = min(rows' groups, CTAS_PER_SM * SMs), grid-striding over rows
+CTAS_PER_SM = 4  # grid-stride over rows; 48 regs x 256 threads: 5 CTAs fit an SM
 WIDTHS = (16, 8, 4, 2, 1)
 
 _lock = threading.Lock()
