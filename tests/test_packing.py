@@ -302,6 +302,7 @@ def test_gpu_kernel_matches_reference(kind, head_dim, dtype, blocks):
     geo = dict(head_dim=head_dim, device="cuda", blocks=blocks + 3, layers=4,
                tokens=5 if head_dim == 3 else 16)  # head_dim 3: 120-byte blocks
     cache = Cache(kind, dtype, seed=rng.randrange(1 << 30), **geo)
+    a, b = Cache(kind, dtype, seed=9, **geo), Cache(kind, dtype, seed=9, **geo)  # equal poison
     for heads in _heads_for(kind):
         for layers in (None, [3, 1]):
             ids = _ids(blocks + 3, blocks, rng)
@@ -315,8 +316,7 @@ def test_gpu_kernel_matches_reference(kind, head_dim, dtype, blocks):
                 torch.cuda.synchronize()
                 assert torch.equal(out.cpu(), ref.cpu()), (dev, heads, layers)
             assert torch.equal(ref.cpu(), cache.oracle_pack(ids, layers, heads))
-            # scatter: kernel and reference into two copies of one poisoned cache
-            a, b = Cache(kind, dtype, seed=9, **geo), Cache(kind, dtype, seed=9, **geo)
+            # scatter: kernel into a, reference into b (equal so far), then compare
             src = _random_bytes(torch.empty(plan.nbytes, dtype=torch.uint8), cache.gen)
             unpack(a.layout, ids, layers, src.cuda(), heads=heads)
             unpack_reference(make_plan(b.layout, ids, layers, heads), src.cuda())

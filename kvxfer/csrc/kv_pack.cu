@@ -99,21 +99,16 @@ __device__ __forceinline__ void kv_copy_rows(
   }
 }
 
-#define KV_DEFINE(W)                                                                    \
-  extern "C" __global__ void kv_pack_w##W(                                              \
-      unsigned long long table, unsigned long long ids, unsigned long long packed,       \
+// One extern "C" entry point per direction and width: kv_pack_w16 ... kv_unpack_w1.
+#define KV_ENTRY(NAME, W, GATHER)                                                       \
+  extern "C" __global__ void NAME##_w##W(                                               \
+      unsigned long long table, unsigned long long ids, unsigned long long packed,      \
       int num_regions, int num_ids, int num_segs, long long seg_off,                    \
       long long seg_pitch, long long seg_bytes) {                                       \
-    kv_copy_rows<kv_w##W, true>(table, ids, packed, num_regions, num_ids, num_segs,     \
-                                seg_off, seg_pitch, seg_bytes);                         \
-  }                                                                                     \
-  extern "C" __global__ void kv_unpack_w##W(                                            \
-      unsigned long long table, unsigned long long ids, unsigned long long packed,       \
-      int num_regions, int num_ids, int num_segs, long long seg_off,                    \
-      long long seg_pitch, long long seg_bytes) {                                       \
-    kv_copy_rows<kv_w##W, false>(table, ids, packed, num_regions, num_ids, num_segs,    \
-                                 seg_off, seg_pitch, seg_bytes);                        \
+    kv_copy_rows<kv_w##W, GATHER>(table, ids, packed, num_regions, num_ids, num_segs,   \
+                                  seg_off, seg_pitch, seg_bytes);                       \
   }
+#define KV_DEFINE(W) KV_ENTRY(kv_pack, W, true) KV_ENTRY(kv_unpack, W, false)
 
 KV_DEFINE(16)
 KV_DEFINE(8)
