@@ -25,6 +25,7 @@ raises :class:`LocalProtocolError`. After either, the connection refuses every c
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 from typing import Sequence, Union
 
@@ -115,7 +116,7 @@ class Connection:
         self._check()
         try:
             ftype, flags, body, payload_len = F.encode_body(frame)
-        except (TypeError, ValueError, OverflowError) as exc:  # struct.error is a ValueError
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
             raise LocalProtocolError(f"cannot encode {type(frame).__name__}: {exc}") from exc
         given = sum(_nbytes(b) for b in payload)
         if given != payload_len:

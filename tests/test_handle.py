@@ -1,0 +1,115 @@
+"""TransferHandle: per-layer readiness, deadlines, cancel, callbacks, await."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from kvxfer.errors import RemoteError, TransferFailed, TransferTimeout
+from kvxfer.handle import TransferHandle
+from kvxfer.plan import Chunk
+
+
+def handle(deadline: float = 5.0) -> TransferHandle:
+    chunks = [Chunk(0, (0, 1), ((0, 0, 2),), 64), Chunk(1, (2,), ((0, 0, 1),), 16),
+              Chunk(2, (2,), ((1, 1, 1),), 16)]
+    return TransferHandle(1, "peer", "read", (0, 1, 2), chunks, b"", time.monotonic() + deadline)
+
+
+def test_layers_become_ready_as_their_chunks_land():
+    h = handle()
+    h.chunk_done(h.chunks[0])
+    h.wait_layer(0, timeout=0)
+    h.wait_layer(1, timeout=0)
+    with pytest.raises(TransferTimeout, match="layer 2"):
+        h.wait_layer(2, timeout=0.01)
+    h.chunk_done(h.chunks[1])
+    assert not h.done()
+    h.chunk_done(h.chunks[2])
+    assert h.done() and h.status == "done"
+    h.wait(0)
+    with pytest.raises(ValueError):
+        h.wait_layer(3)
+
+
+def test_failure_reaches_every_waiter_with_its_cause():
+    h = handle()
+    errors = []
+
+    def waiter():
+        try:
+            h.wait_layer(2)
+        except TransferFailed as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    h.fail(RemoteError("no such block", 2))
+    t.join(5)
+    assert isinstance(errors[0].cause, RemoteError) and errors[0].peer == "peer"
+    assert not h.fail(RemoteError("second"))  # first failure wins
+    h.chunk_done(h.chunks[0])  # late chunks change nothing
+    assert h.status == "failed"
+
+
+def test_deadline_fails_the_transfer():
+    h = handle(deadline=0.05)
+    with pytest.raises(TransferTimeout):
+        h.wait()
+    assert h.status == "failed" and isinstance(h.error, TransferTimeout)
+
+
+def test_short_wait_does_not_fail_the_transfer():
+    h = handle()
+    with pytest.raises(TransferTimeout, match="goes on"):
+        h.wait(timeout=0.01)
+    assert h.status == "pending"
+
+
+def test_cancel_waits_for_bytes_in_flight():
+    h = handle()
+    landed = []
+    h.data_lock.acquire()  # a backend is placing a chunk
+
+    def cancel():
+        landed.append(h.cancel())
+
+    t = threading.Thread(target=cancel)
+    t.start()
+    time.sleep(0.05)
+    assert landed == [] and h.active  # cancel waits for the chunk
+    h.data_lock.release()
+    t.join(5)
+    assert landed == [True] and h.status == "cancelled" and not h.active
+
+
+def test_callbacks_and_await():
+    h = handle()
+    seen = []
+    h.add_done_callback(lambda x: seen.append(x.status))
+
+    async def main():
+        threading.Timer(0.02, lambda: [h.chunk_done(c) for c in h.chunks]).start()
+        await h
+
+    asyncio.run(main())
+    assert seen == ["done"]
+    h.add_done_callback(lambda x: seen.append("late"))
+    assert seen == ["done", "late"]
+
+    failed = handle()
+    failed.fail(RemoteError("x"))
+
+    async def fails():
+        await failed
+
+    with pytest.raises(TransferFailed):
+        asyncio.run(fails())
+
+
+def test_nothing_to_do_is_done_at_once():
+    h = TransferHandle(1, "p", "read", (), [], b"", time.monotonic() + 1)
+    assert h.done() and h.nbytes == 0

@@ -1,0 +1,68 @@
+"""RegisteredMemory: range checks and wire-order views equal the packed order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvxfer import KVLayout
+from kvxfer.errors import BlockOutOfRange, LayoutMismatch
+from kvxfer.memory import RegisteredMemory
+
+
+def layout(kv_dim: int = 0) -> KVLayout:
+    gen = torch.Generator().manual_seed(0)
+    shape = (2, 8, 4, 2, 3) if kv_dim == 0 else (8, 2, 4, 2, 3)
+    return KVLayout.vllm([torch.randn(shape, generator=gen).half() for _ in range(3)],
+                         kv_dim=kv_dim)
+
+
+def test_check_counts_bytes_and_refuses_out_of_range():
+    mem = RegisteredMemory(layout())
+    assert mem.check((0, 2), ((1, 3), (6, 2))) == 2 * 5 * 2 * 4 * 2 * 3 * 2
+    for layers, runs in [((3,), ((0, 1),)), ((1, 1), ((0, 1),)), ((2, 1), ((0, 1),)),
+                         ((0,), ((7, 2),)), ((0,), ((0, 0),)), ((0,), ((-1, 1),))]:
+        with pytest.raises(BlockOutOfRange):
+            mem.check(layers, runs)
+
+
+@pytest.mark.parametrize("kv_dim", [0, 1])
+def test_host_buffers_follow_wire_order(kv_dim):
+    lay = layout(kv_dim)
+    mem = RegisteredMemory(lay)
+    layers, runs = (0, 2), ((5, 2), (1, 1))
+    got = b"".join(bytes(v) for v in mem.host_buffers(layers, runs))
+    expected = b"".join(lay.region(layer, part).view[[5, 6, 1]].contiguous().numpy().tobytes()
+                        for layer in layers for part in ("K", "V"))
+    assert got == expected
+    packed = torch.empty(len(got), dtype=torch.uint8)
+    mem.pack_into(layers, runs, packed)
+    assert packed.numpy().tobytes() == got
+
+
+def test_host_buffers_are_writable_views_of_the_tensors():
+    lay = layout()
+    mem = RegisteredMemory(lay)
+    (view,) = RegisteredMemory(KVLayout.mla([torch.zeros(4, 2, 8)])).host_buffers((0,), ((2, 1),))
+    view[:] = b"\x01" * len(view)
+    mem.host_buffers((1,), ((3, 1),))[1][:2] = b"\x00\x3c"  # fp16 1.0 into V of block 3
+    assert lay.region(1, "V").view[3].flatten()[0].item() == 1.0
+
+
+def test_unpack_round_trip():
+    lay = layout()
+    mem = RegisteredMemory(lay, staged=True)
+    src = torch.arange(mem.check((1,), ((2, 2),)), dtype=torch.int64).to(torch.uint8)
+    mem.unpack_from((1,), ((2, 2),), src)
+    out = torch.empty_like(src)
+    mem.pack_into((1,), ((2, 2),), out)
+    assert torch.equal(out, src)
+
+
+def test_peer_descriptor_checks():
+    mem = RegisteredMemory(layout())
+    mem.check_peer(layout().descriptor.to_bytes())
+    with pytest.raises(LayoutMismatch):
+        mem.check_peer(KVLayout.mla([torch.zeros(4, 2, 8)]).descriptor.to_bytes())
+    with pytest.raises(LayoutMismatch):
+        mem.check_peer(b"\xff")
