@@ -79,6 +79,9 @@ def _table(layout: KVLayout, plan: PackPlan, device: torch.device) -> torch.Tens
         if table is None:
             values = [r.base for r in plan.regions] + [r.block_stride for r in plan.regions]
             table = torch.tensor(values, dtype=torch.int64).to(device)  # addresses < 2**63
+            # a pageable upload may still be in flight when .to() returns; later launches
+            # can run on other streams, so wait for it once, here
+            torch.cuda.current_stream(device).synchronize()
             per_layout[plan.layers] = table
         return table
 
