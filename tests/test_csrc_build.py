@@ -161,7 +161,11 @@ def emulator(runtime_source):
            f'-DKV_PACK_CU="{runtime_source}"', "-o", str(lib_path), str(harness)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return ctypes.CDLL(str(lib_path))
+    lib = ctypes.CDLL(str(lib_path))
+    lib.kv_emulate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_uint, ctypes.c_uint,
+                               *[ctypes.c_ulonglong] * 3, *[ctypes.c_int] * 3,
+                               *[ctypes.c_longlong] * 3]
+    return lib
 
 
 def _emulate(lib, plan, packed, gather: bool, num_sms: int = 2) -> int:
@@ -170,12 +174,11 @@ def _emulate(lib, plan, packed, gather: bool, num_sms: int = 2) -> int:
                          dtype=torch.int64)
     width = pcuda.access_width(plan, packed.data_ptr())
     grid, threads = pcuda.launch_config(plan, width, num_sms)
-    u64, i64 = ctypes.c_ulonglong, ctypes.c_longlong
-    rc = lib.kv_emulate(int(gather), width, grid, threads, u64(table.data_ptr()),
-                        u64(plan.ids.data_ptr()), u64(packed.data_ptr()), len(plan.regions),
-                        plan.num_ids, plan.num_segs, i64(plan.seg_off), i64(plan.seg_pitch),
-                        i64(plan.seg_bytes))
-    assert rc == 0
+    # the runtime's own argument tuple, checked against the C signature's widths
+    args = pcuda.kernel_args(plan, table.data_ptr(), plan.ids.data_ptr(), packed.data_ptr())
+    for arg, ctype in zip(args, lib.kv_emulate.argtypes[4:], strict=True):
+        assert arg.dtype.itemsize == ctypes.sizeof(ctype), (arg, ctype)
+    assert lib.kv_emulate(int(gather), width, grid, threads, *(int(a) for a in args)) == 0
     return width
 
 

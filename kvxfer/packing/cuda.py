@@ -113,6 +113,15 @@ def launch_config(plan: PackPlan, width: int, num_sms: int) -> tuple[int, int]:
     return max(1, min(-(-rows // groups), CTAS_PER_SM * num_sms)), THREADS
 
 
+def kernel_args(plan: PackPlan, table_addr: int, ids_addr: int, packed_addr: int) -> tuple:
+    """The kernels' arguments, typed as their C signature (u64 x3, i32 x3, i64 x3)."""
+    import numpy as np
+
+    return (np.uint64(table_addr), np.uint64(ids_addr), np.uint64(packed_addr),
+            np.int32(len(plan.regions)), np.int32(plan.num_ids), np.int32(plan.num_segs),
+            np.int64(plan.seg_off), np.int64(plan.seg_pitch), np.int64(plan.seg_bytes))
+
+
 def run(layout: KVLayout, plan: PackPlan, packed: torch.Tensor, gather: bool) -> None:
     """Launch the pack (gather) or unpack (scatter) kernel for a validated plan.
 
@@ -121,8 +130,6 @@ def run(layout: KVLayout, plan: PackPlan, packed: torch.Tensor, gather: bool) ->
     """
     if plan.nbytes == 0:
         return
-    import numpy as np
-
     cupy = _cupy()
     device = layout.device  # a CUDA tensor's device always carries its index
     mod = _module(device.index)
@@ -133,9 +140,7 @@ def run(layout: KVLayout, plan: PackPlan, packed: torch.Tensor, gather: bool) ->
     fn = mod.get_function(f"kv_{'pack' if gather else 'unpack'}_w{width}")
     num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     grid, threads = launch_config(plan, width, num_sms)
-    args = (np.uint64(table.data_ptr()), np.uint64(ids.data_ptr()), np.uint64(addr),
-            np.int32(len(plan.regions)), np.int32(plan.num_ids), np.int32(plan.num_segs),
-            np.int64(plan.seg_off), np.int64(plan.seg_pitch), np.int64(plan.seg_bytes))
+    args = kernel_args(plan, table.data_ptr(), ids.data_ptr(), addr)
     with cupy.cuda.Device(device.index):
         stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
         fn((grid,), (threads,), args, stream=stream)
