@@ -98,19 +98,20 @@ def bench(layers: int, block_counts: list[int], device: str, reps: int) -> list[
                             device=device)
     copy_dst = torch.empty_like(chunk_all)
     for n in block_counts:
-        ids = torch.randperm(total, generator=gen)[:n].to(device)
+        ids_host = torch.randperm(total, generator=gen)[:n]  # as ids arrive off the wire
+        ids = ids_host.to(device)  # the torch loop indexes with a device tensor
         nbytes = packed_nbytes(layout, n)
         chunk, check = chunk_all[:nbytes], copy_dst[:nbytes]
         loop_pack, loop_unpack = _loop_fns(cache, ids, check, device)
         check.fill_(0x5A)
         loop_pack()
         chunk.fill_(0xA5)
-        pack(layout, ids, out=chunk)
+        pack(layout, ids_host, out=chunk)
         if not torch.equal(chunk, check):
             raise SystemExit(f"pack differs from the torch loop at {layers} layers x {n} blocks")
         r = dict(layers=layers, blocks=n, mib=nbytes / 2**20)
-        r["pack"] = _time_ms(lambda: pack(layout, ids, out=chunk), device, reps)
-        r["unpack"] = _time_ms(lambda: unpack(layout, ids, None, chunk), device, reps)
+        r["pack"] = _time_ms(lambda: pack(layout, ids_host, out=chunk), device, reps)
+        r["unpack"] = _time_ms(lambda: unpack(layout, ids_host, None, chunk), device, reps)
         r["loop_pack"] = _time_ms(loop_pack, device, max(3, reps // 4))
         r["loop_unpack"] = _time_ms(loop_unpack, device, max(3, reps // 4))
         r["copy"] = _time_ms(lambda: check.copy_(chunk), device, reps)
@@ -142,7 +143,7 @@ def _print_row(r: dict, nbytes: int) -> None:
 
 def _pinned_row(layout: KVLayout, total: int, gen: torch.Generator, reps: int) -> None:
     """Pack straight into pinned host memory vs a device pack then a D2H copy."""
-    ids = torch.randperm(total, generator=gen)[:1024].to(layout.device)
+    ids = torch.randperm(total, generator=gen)[:1024]
     nbytes = packed_nbytes(layout, 1024)
     host = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
     dev = torch.empty(nbytes, dtype=torch.uint8, device=layout.device)
