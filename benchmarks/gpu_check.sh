@@ -37,8 +37,8 @@ step "ptxas / SASS"
     | grep -E "entry|registers|spill|stack"
   if command -v cuobjdump >/dev/null; then
     for k in kv_pack_w16 kv_unpack_w16; do
-      echo "$k: $(cuobjdump -sass -fun "$k" /tmp/kv_pack.cubin | grep -cE 'LDG\.E\.128|LD\.E\.128') \
-128-bit loads, $(cuobjdump -sass -fun "$k" /tmp/kv_pack.cubin | grep -cE 'STG\.E\.128|ST\.E\.128') 128-bit stores"
+      echo "$k: $(cuobjdump -sass -fun "$k" /tmp/kv_pack.cubin | grep -cE 'LDG[.A-Z0-9]*\.128') \
+128-bit loads, $(cuobjdump -sass -fun "$k" /tmp/kv_pack.cubin | grep -cE 'STG[.A-Z0-9]*\.128') 128-bit stores"
     done
   fi
 } 2>&1 | tee "$out/ptxas.txt" || failed+=(ptxas)
