@@ -1,0 +1,19 @@
+"""The README's usage example runs as written."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_usage_example_runs():
+    text = README.read_text()
+    code = re.search(r"## Usage\n\n```python\n(.*?)```", text, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "req-1 kv ready" in out.stdout
