@@ -6,8 +6,11 @@ One owned thread reads a ZMQ SUB socket (frames ``[topic][seq][payload]``, see
 :mod:`kvxfer.prefix.event_wire`) and applies each batch to the index as one worker::
 
     seq == last + 1  -> apply
-    seq <= last      -> duplicate, skip (seq 0 excepted)
-    seq == 0, last set -> the publisher restarted: its cache is empty, clear the worker
+    seq <= last      -> the publisher restarted (a PUB never repeats a number; vLLM's
+                        counter starts again at 0): its cache is empty, clear the
+                        worker, then treat batches 0..seq-1 as a gap. (A restart whose
+                        first batch we see carries last+1 or more is indistinguishable
+                        from a continuation; the protocol has no publisher epoch.)
     seq >  last + 1  -> gap: ask the replay ROUTER for [last+1, seq) over a DEALER:
                           request  [b""][start seq, 8 B big-endian]
                           replies  [b""][seq][payload] ... [b""][-1][b""]
@@ -68,8 +71,7 @@ class SubscriberStats:
     blocks_removed: int = 0
     # Messages or events that were malformed and skipped.
     malformed: int = 0
-    # Batches seen twice and skipped; gaps found; batches recovered by replay.
-    duplicates: int = 0
+    # Gaps found; batches recovered by replay.
     gaps: int = 0
     replayed: int = 0
     # Gaps that replay could not fill; publisher restarts (seq back to 0).
@@ -217,17 +219,16 @@ class KVEventSubscriber:
             log.warning("skipping a KV-event message with negative sequence %d", seq)
             return
         last = self._last_seq
-        if last is not None:
-            if seq == 0:
-                log.info("KV-event publisher of %r restarted; clearing its blocks", self.worker)
-                self._stats.restarts += 1
-                self._flush()
-                self.index.clear(self.worker)
-            elif seq <= last:
-                self._stats.duplicates += 1
-                return
-            elif seq > last + 1:
-                self._recover(last + 1, seq, decoder)
+        if last is not None and seq <= last:
+            # A PUB never sends a number twice: a fresh publisher counts from 0 again.
+            log.info("KV-event publisher of %r restarted (seq %d after %d); clearing its "
+                     "blocks", self.worker, seq, last)
+            self._stats.restarts += 1
+            self._flush()
+            self.index.clear(self.worker)
+            last = -1
+        if last is not None and seq > last + 1:
+            self._recover(last + 1, seq, decoder)
         self._apply(frames[2], decoder)
         self._last_seq = seq
 
