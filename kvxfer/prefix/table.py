@@ -97,12 +97,8 @@ class SlotTable:
             idx, pos, want = idx[going], (pos[going] + 1) & mask, want[going]
         return out
 
-    def insert(self, keys: np.ndarray, distinct: bool = False) -> np.ndarray:
+    def insert(self, keys: np.ndarray) -> np.ndarray:
         """Slots of ``keys`` (int64), creating the absent ones; may rebuild first.
-
-        Args:
-            keys: uint64 keys.
-            distinct: the caller promises no key repeats (skips de-duplication).
 
         Returns:
             One slot per key; equal keys get the same slot.
@@ -115,17 +111,16 @@ class SlotTable:
         idx = np.arange(n)
         want = keys
         tkeys, state, mask = self.keys, self.state, self._mask
-        born: list[np.ndarray] = []
+        born: list[np.ndarray] = []      # slots claimed from EMPTY
+        revived: list[np.ndarray] = []   # slots turned from TOMB back to LIVE
         while idx.size:
             st = state[pos]
             same = tkeys[pos] == want
             found = same & (st == LIVE)
             revive = same & (st == TOMB)
             if revive.any():
-                slots = pos[revive] if distinct else np.unique(pos[revive])
-                state[slots] = LIVE
-                self.tombs -= int(slots.size)
-                born.append(slots)
+                state[pos[revive]] = LIVE
+                revived.append(pos[revive])
             claim = st == EMPTY
             if claim.any():
                 cpos = pos[claim]
@@ -133,20 +128,29 @@ class SlotTable:
                 won = tkeys[cpos] == want[claim]
                 claim[np.flatnonzero(claim)[~won]] = False
                 state[pos[claim]] = LIVE
-                born.append(pos[claim] if distinct else np.unique(pos[claim]))
+                born.append(pos[claim])
             done = found | revive | claim
             out[idx[done]] = pos[done]
             going = ~done
             # Losers of a claim stay on the same slot: it is now LIVE with another key.
             step = (st[going] != EMPTY).astype(np.int64)
             idx, pos, want = idx[going], (pos[going] + step) & mask, want[going]
-        if born:
-            # A slot is born at most once per batch, so the parts are disjoint.
-            fresh = np.concatenate(born) if len(born) > 1 else born[0]
-            self.live += int(fresh.size)
+        if born or revived:
+            # Equal keys in one batch are born together, so a slot may repeat in `fresh`.
+            fresh = np.concatenate(born + revived)
             for col in self.columns.values():
                 col[fresh] = 0  # a revived or claimed slot starts blank
+            self._recount(fresh, revived)
         return out
+
+    def _recount(self, fresh: np.ndarray, revived: list[np.ndarray]) -> None:
+        if fresh.shape[0] * 64 > self.capacity:  # big batch: one pass beats a sort
+            self.live = int(np.count_nonzero(self.state == LIVE))
+            self.tombs = int(np.count_nonzero(self.state == TOMB))
+            return
+        self.live += int(np.unique(fresh).shape[0])
+        if revived:
+            self.tombs -= int(np.unique(np.concatenate(revived)).shape[0])
 
     def delete(self, slots: np.ndarray) -> None:
         """Turn LIVE ``slots`` into tombstones (duplicates and non-live slots ignored)."""
@@ -170,11 +174,36 @@ class SlotTable:
         self._alloc(cap)
         self.live = self.tombs = 0
         self.columns = {}
-        new_slots = self.insert(old_keys, distinct=True) if old_slots.size else old_slots
+        new_slots = self._place_distinct(old_keys)
         for name, col in old_cols.items():
             fresh = np.zeros((cap, *col.shape[1:]), dtype=col.dtype)
-            fresh[new_slots] = col[old_slots]
+            _rows(fresh)[new_slots] = _rows(col)[old_slots]
             self.columns[name] = fresh
+
+    def _place_distinct(self, keys: np.ndarray) -> np.ndarray:
+        """Lay distinct keys into an empty table without probing.
+
+        Sorted by home slot, key i goes to s_i = max(home_i, s_(i-1) + 1), a running
+        maximum: s = cummax(home - i) + i. Every slot between a key's home and its
+        slot is then taken, which is all linear probing asks. Keys pushed past the
+        last slot are inserted normally (they wrap to the front).
+        """
+        n = int(keys.shape[0])
+        home = self._home(keys)
+        order = np.argsort(home, kind="stable")
+        ramp = np.arange(n, dtype=np.int64)
+        at = np.maximum.accumulate(home[order] - ramp) + ramp
+        fits = at < self.capacity
+        slots = np.empty(n, dtype=np.int64)
+        placed, where = order[fits], at[fits]
+        self.keys[where] = keys[placed]
+        self.state[where] = LIVE
+        self.live += int(where.shape[0])
+        slots[placed] = where
+        wrapped = order[~fits]
+        if wrapped.shape[0]:
+            slots[wrapped] = self.insert(keys[wrapped])
+        return slots
 
     def compact(self) -> None:
         """Rebuild now, at the size the live keys need, dropping every tombstone."""
@@ -184,6 +213,12 @@ class SlotTable:
         """Bytes held by the keys, the states and every column."""
         return int(self.keys.nbytes + self.state.nbytes
                    + sum(c.nbytes for c in self.columns.values()))
+
+
+def _rows(array: np.ndarray) -> np.ndarray:
+    """A 1-D view with one opaque item per row, so row gathers are single copies."""
+    row = array.dtype.itemsize * (array.size // max(array.shape[0], 1))
+    return np.ascontiguousarray(array).reshape(array.shape[0], -1).view(f"V{row}").reshape(-1)
 
 
 __all__ = ["EMPTY", "LIVE", "SlotTable", "TOMB"]
