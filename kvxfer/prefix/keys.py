@@ -46,7 +46,7 @@ def as_keys(block_hashes: BlockHashes) -> np.ndarray:
                 joined = b"".join(block_hashes)  # type: ignore[arg-type]
             except TypeError:
                 joined = b""  # a mix of bytes and ints: take the general path below
-            if len(joined) == n * width and all(len(h) == width for h in block_hashes):
+            if len(joined) == n * width and len(set(map(len, block_hashes))) == 1:
                 words = np.frombuffer(joined, dtype=">u8").reshape(n, width // 8)
                 return words[:, -1].astype(np.uint64)
     elif isinstance(first, int):

@@ -88,3 +88,13 @@ def test_revived_slot_starts_with_blank_columns():
     table.delete(slot)
     again = table.insert(u64([42]))
     assert again[0] == slot[0] and table.columns["v"][again[0]] == 0
+
+
+def test_sorted_placement_wraps_keys_pushed_past_the_last_slot():
+    table = SlotTable(capacity=64)
+    homes = table._home(u64(np.arange(1, 50_000)))
+    keys = u64(np.flatnonzero(homes >= 60)[:20] + 1)  # 20 keys homed in the last 4 slots
+    slots = table._place_distinct(keys)
+    assert table.live == 20 and len(set(slots.tolist())) == 20
+    assert (slots < 16).sum() == 16                    # 16 of them wrapped to the front
+    assert table.lookup(keys).tolist() == slots.tolist()
