@@ -3,9 +3,16 @@
 A handle is created by the Agent, filled in by a backend's threads (``chunk_done``,
 ``fail``) and watched by the engine (``wait``, ``wait_layer``, ``done``, ``await``).
 
-States: PENDING -> DONE | FAILED | CANCELLED, once. ``data_lock`` is held by a backend
-while bytes land in local memory; ``cancel`` and deadline expiry take it, so once they
-return no further byte of this transfer is written into the engine's blocks.
+States: PENDING -> DONE | FAILED | CANCELLED, once.
+
+Memory safety: a backend holds ``data_lock`` around each system call that moves this
+transfer's bytes in or out of the engine's blocks, and checks ``active`` between calls.
+A failure, cancel or deadline changes the state only while holding that lock, so once a
+waiter sees the failure no further byte of the transfer touches the engine's blocks
+(a read's late bytes are drained, a write's later bytes are never sent). If the lock
+is not free within ``ABORT_AFTER`` seconds, a backend call is stuck (a dead link): the
+handle calls the backend's ``abort`` hook, which breaks the connection so the call
+returns at once.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from .errors import TransferFailed, TransferTimeout
 from .plan import Chunk
 
 PENDING, DONE, FAILED, CANCELLED = "pending", "done", "failed", "cancelled"
+ABORT_AFTER = 0.5  # seconds a failure waits for a backend call before aborting it
 
 
 class TransferHandle:
@@ -34,10 +42,12 @@ class TransferHandle:
         self.notify = notify
         self.deadline = deadline  # time.monotonic() after which the transfer fails
         self.nbytes = sum(c.nbytes for c in chunks)
-        self.data_lock = threading.Lock()  # held by a backend while placing bytes locally
+        self.data_lock = threading.Lock()  # held by a backend per call touching local blocks
+        self.abort: Callable[[], None] | None = None  # set by the backend: break a stuck call
         self._cond = threading.Condition()
         self._state = PENDING
         self._error: TransferFailed | None = None
+        self._failing: tuple[str, TransferFailed] | None = None  # set by the first fail()
         self._chunks_left = len(chunks)
         self._layer_left = dict.fromkeys(self.layers, 0)
         for chunk in chunks:
@@ -78,24 +88,43 @@ class TransferHandle:
         self._run_callbacks()
 
     def fail(self, exc: BaseException, state: str = FAILED) -> bool:
-        """Fail the transfer with ``exc`` (wrapped in TransferFailed); first call wins."""
+        """Fail the transfer with ``exc`` (wrapped in TransferFailed); first call wins.
+
+        Returns only when no backend call is moving this transfer's bytes (see the
+        module docstring); must not be called while holding ``data_lock``.
+        """
         if not isinstance(exc, TransferFailed):
             exc = TransferFailed(f"{self.op} #{self.request_id} with {self.peer!r} failed: {exc}",
                                  peer=self.peer, request_id=self.request_id, cause=exc)
         with self._cond:
             if self._state != PENDING:
                 return False
-            self._state, self._error = state, exc
-            self._cond.notify_all()
+            if self._failing is None:  # the first caller names the cause, whoever locks first
+                self._failing = (state, exc)
+        self._lock_data()
+        try:
+            with self._cond:
+                if self._state != PENDING:
+                    return False
+                self._state, self._error = self._failing
+                self._cond.notify_all()
+        finally:
+            self.data_lock.release()
         self._run_callbacks()
         return True
 
+    def _lock_data(self) -> None:
+        if self.data_lock.acquire(timeout=ABORT_AFTER):
+            return
+        if self.abort is not None:
+            self.abort()
+        self.data_lock.acquire()
+
     def expire(self) -> bool:
-        """Fail with TransferTimeout once the deadline has passed (after in-flight bytes)."""
-        with self.data_lock:
-            return self.fail(TransferTimeout(
-                f"{self.op} #{self.request_id} with {self.peer!r} passed its deadline",
-                peer=self.peer, request_id=self.request_id))
+        """Fail with TransferTimeout (the deadline has passed)."""
+        return self.fail(TransferTimeout(
+            f"{self.op} #{self.request_id} with {self.peer!r} passed its deadline",
+            peer=self.peer, request_id=self.request_id))
 
     def _run_callbacks(self) -> None:
         with self._cond:
@@ -123,10 +152,9 @@ class TransferHandle:
         Returns:
             True if it was pending and is now cancelled.
         """
-        with self.data_lock:
-            return self.fail(TransferFailed(f"{self.op} #{self.request_id} was cancelled",
-                                            peer=self.peer, request_id=self.request_id),
-                             state=CANCELLED)
+        return self.fail(TransferFailed(f"{self.op} #{self.request_id} was cancelled",
+                                        peer=self.peer, request_id=self.request_id),
+                         state=CANCELLED)
 
     def _wait_for(self, ready: Callable[[], bool], timeout: float | None, what: str) -> None:
         now = time.monotonic()

@@ -113,3 +113,48 @@ def test_callbacks_and_await():
 def test_nothing_to_do_is_done_at_once():
     h = TransferHandle(1, "p", "read", (), [], b"", time.monotonic() + 1)
     assert h.done() and h.nbytes == 0
+
+
+def test_failure_aborts_a_stuck_backend_call_before_waking_waiters():
+    from kvxfer.errors import PeerUnreachable
+    from kvxfer.handle import ABORT_AFTER
+
+    h = handle()
+    in_call, unblocked = threading.Event(), threading.Event()
+
+    def backend_call():  # a receive into engine memory on a dead link
+        with h.data_lock:
+            in_call.set()
+            unblocked.wait(10)
+
+    t = threading.Thread(target=backend_call)
+    t.start()
+    in_call.wait(5)
+    h.abort = unblocked.set  # what a backend's abort does: make the call return
+    woke = []
+    waiter = threading.Thread(target=lambda: woke.append(
+        (pytest.raises(TransferFailed, h.wait).__enter__(), t.is_alive())))
+    t0 = time.monotonic()
+    assert h.fail(PeerUnreachable("link down"))
+    assert ABORT_AFTER <= time.monotonic() - t0 < ABORT_AFTER + 5
+    t.join(5)
+    waiter.start()
+    waiter.join(5)
+    assert woke and woke[0][1] is False  # no waiter saw the failure while the call ran
+
+
+def test_the_first_failure_names_the_cause_even_if_it_locks_last():
+    from kvxfer.errors import PeerUnreachable
+
+    h = handle()
+    h.data_lock.acquire()
+    first = threading.Thread(target=h.expire)
+    first.start()
+    time.sleep(0.05)  # expire() has recorded its cause and waits for the lock
+    second = threading.Thread(target=h.fail, args=(PeerUnreachable("reset"),))
+    second.start()
+    time.sleep(0.05)
+    h.data_lock.release()
+    first.join(5)
+    second.join(5)
+    assert isinstance(h.error, TransferTimeout)
