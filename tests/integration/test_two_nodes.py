@@ -1,0 +1,108 @@
+"""Two nodes: each agent in its own network namespace, joined by a rate-limited veth.
+
+Needs root and iproute2 (as on CI); skipped otherwise. Traffic stays on the veth pair
+between the two namespaces this test creates, on addresses of its own.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NODE = os.path.join(HERE, "netns_node.py")
+SPEC = "nhd-bfloat16-4096-3"  # a read of half its blocks is 3 MiB: ~0.13 s on the link
+BIG = "nhd-bfloat16-16384-3"  # 12 MiB: still in flight when the link goes down
+
+
+def _sh(*cmd: str) -> None:
+    subprocess.run(cmd, check=True, capture_output=True, timeout=10)
+
+
+def _netns_usable() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root to create network namespaces"
+    if not shutil.which("ip") or not shutil.which("tc"):
+        return "needs iproute2 (ip, tc)"
+    probe = f"kvxprobe{os.getpid()}"
+    try:
+        _sh("ip", "netns", "add", probe)
+        _sh("ip", "netns", "del", probe)
+    except (subprocess.SubprocessError, OSError) as exc:
+        return f"cannot create a network namespace here: {exc}"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_netns_usable() is not None, reason=str(_netns_usable()))
+
+
+@pytest.fixture
+def link():
+    """Namespaces A and B, veth 10.213.7.1 <-> 10.213.7.2, 200 Mbit/s each way."""
+    tag = f"{os.getpid() % 100000}"
+    a, b = f"kvxa{tag}", f"kvxb{tag}"
+    va, vb = f"kva{tag}", f"kvb{tag}"
+    try:
+        _sh("ip", "netns", "add", a)
+        _sh("ip", "netns", "add", b)
+        _sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
+        _sh("ip", "link", "set", va, "netns", a)
+        _sh("ip", "link", "set", vb, "netns", b)
+        for ns, dev, ip in ((a, va, "10.213.7.1/24"), (b, vb, "10.213.7.2/24")):
+            _sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
+            _sh("ip", "-n", ns, "link", "set", dev, "up")
+            _sh("ip", "-n", ns, "link", "set", "lo", "up")
+            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+                "rate", "200mbit", "burst", "256kb", "latency", "50ms")
+        yield {"a": a, "b": b, "va": va, "addr_a": "10.213.7.1"}
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def _in(ns: str, *args: str) -> list[str]:
+    return ["ip", "netns", "exec", ns, sys.executable, NODE, *args]
+
+
+def _serve(link, spec: str = SPEC) -> tuple[subprocess.Popen, str]:
+    server = subprocess.Popen(_in(link["a"], "serve", spec, f"{link['addr_a']}:0"),
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    meta = server.stdout.readline().strip()
+    assert meta, "server node did not start"
+    return server, meta
+
+
+def test_read_and_write_across_two_nodes(link):
+    server, meta = _serve(link)
+    try:
+        out = subprocess.run(_in(link["b"], "fetch", SPEC, meta), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.startswith("OK"), out.stdout
+        mbps = float(out.stdout.split()[1])
+        assert 200 / 8 * 0.5 < mbps < 200 / 8 * 1.2  # near the link's limit, not above it
+        notes, _ = server.communicate("", timeout=30)
+    finally:
+        server.kill()
+    assert "from node-b" in notes
+
+
+def test_link_down_mid_transfer_fails_within_the_deadline(link):
+    server, meta = _serve(link, BIG)
+    try:
+        fetch = subprocess.Popen(_in(link["b"], "fetch", BIG, meta, "--stall-ok"),
+                                 stdout=subprocess.PIPE, text=True)
+        assert fetch.stdout.readline().strip() == "STARTED"
+        time.sleep(0.1)
+        _sh("ip", "-n", link["a"], "link", "set", link["va"], "down")
+        out, _ = fetch.communicate(timeout=30)
+        assert out.startswith("FAILED after") and "TransferTimeout" in out, out
+        assert float(out.split()[2].rstrip("s:")) < 7  # 5 s deadline, no hang
+    finally:
+        server.kill()
+        fetch.kill() if fetch.poll() is None else None
