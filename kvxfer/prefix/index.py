@@ -361,7 +361,7 @@ class PrefixIndex:
 
     def _run(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Running AND of held bitmaps over the request's leading indexed blocks."""
-        slots = self._table.lookup(keys)
+        slots = self._table.lookup(keys, prefix=True)
         found = slots >= 0
         if not found.all():
             slots = slots[:int(np.argmin(found))]

@@ -81,20 +81,34 @@ class SlotTable:
     def _home(self, keys: np.ndarray) -> np.ndarray:
         return ((keys * _MULT) >> self._shift).astype(np.int64)
 
-    def lookup(self, keys: np.ndarray) -> np.ndarray:
-        """Slots of ``keys`` (int64), -1 where a key is absent."""
-        out = np.full(keys.shape[0], -1, dtype=np.int64)
+    def lookup(self, keys: np.ndarray, prefix: bool = False) -> np.ndarray:
+        """Slots of ``keys`` (int64), -1 where a key is absent.
+
+        Args:
+            keys: uint64 keys.
+            prefix: only the leading run of present keys matters: stop probing for
+                keys after the first absent one (they come back as -1).
+        """
+        n = int(keys.shape[0])
+        out = np.full(n, -1, dtype=np.int64)
         pos = self._home(keys)
-        idx = np.arange(keys.shape[0])
+        idx = np.arange(n)
         want = keys
         tkeys, state, mask = self.keys, self.state, self._mask
+        first_absent = n
         while idx.size:
             st = state[pos]
             same = tkeys[pos] == want
             hit = same & (st == LIVE)
             out[idx[hit]] = pos[hit]
             going = ~(same | (st == EMPTY))
+            if prefix:
+                absent = ~(going | hit)
+                if absent.any():
+                    first_absent = min(first_absent, int(idx[absent].min()))
+                    going &= idx < first_absent
             idx, pos, want = idx[going], (pos[going] + 1) & mask, want[going]
+        out[first_absent:] = -1
         return out
 
     def insert(self, keys: np.ndarray) -> np.ndarray:

@@ -98,3 +98,10 @@ def test_sorted_placement_wraps_keys_pushed_past_the_last_slot():
     assert table.live == 20 and len(set(slots.tolist())) == 20
     assert (slots < 16).sum() == 16                    # 16 of them wrapped to the front
     assert table.lookup(keys).tolist() == slots.tolist()
+
+
+def test_prefix_lookup_stops_at_the_first_absent_key():
+    table = SlotTable()
+    slots = table.insert(u64([1, 2, 4]))
+    assert table.lookup(u64([1, 2, 3, 4]), prefix=True).tolist() == [*slots[:2], -1, -1]
+    assert table.lookup(u64([1, 2, 3, 4])).tolist() == [*slots[:2], -1, slots[2]]
