@@ -223,7 +223,8 @@ class Agent:
         Raises:
             BlockOutOfRange: a local block id or a layer is outside our layout (nothing
                 is sent). A remote id outside the peer's layout fails the handle.
-            ValueError: the lists differ in length, or the peer is not ours.
+            ValueError: the lists differ in length, a destination block is named twice,
+                or the peer is not ours.
             AgentClosed: the agent is closed.
         """
         return self._submit("read", peer, local_blocks, remote_blocks, layers, b"", timeout)
@@ -261,6 +262,10 @@ class Agent:
             raise ValueError(f"{peer!r} is not a peer of agent {self.name!r}")
         runs = merge_runs(local, remote)
         layout.check_blocks(lo + n - 1 for lo, _, n in runs)
+        targets = local if op == "read" else remote
+        if len(set(targets)) != len(targets):
+            side = "local" if op == "read" else "remote"
+            raise ValueError(f"{op} names a {side} destination block more than once")
         layer_list = layout.normalize_layers(layers)
         chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, self.config.chunk_bytes)
         deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
