@@ -18,6 +18,7 @@ from .base import Backend, BackendConfig, BackendPeer, PeerInfo
 # name -> (import path, pip extra or None)
 _BUILTIN: dict[str, tuple[str, str | None]] = {
     "tcp": ("kvxfer.backends.tcp:TcpBackend", None),
+    "ucx": ("kvxfer.backends.ucx:UcxBackend", "ucx"),
 }
 
 

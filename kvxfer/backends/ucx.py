@@ -1,0 +1,252 @@
+"""UCX backend (ucxx): kvxfer's frames over UCX stream endpoints.
+
+Theory of operation
+-------------------
+ucxx's Python API offers tag, stream and active messages but no RMA (no memory
+mapping, rkeys, put or get), so this backend is two-sided like TCP and shares its
+machinery (:mod:`kvxfer.backends.twosided`): a UCX endpoint carries the same frames a
+TCP socket does, and UCX picks the fastest path between the two processes (shared
+memory on one host, RDMA or TCP between hosts, CUDA IPC for device buffers)::
+
+    this process                                           peer process
+    UCXWorker + progress thread (owned, stopped on close)  UCXWorker + progress thread
+    _ClientSide send/read threads --endpoint (stream)----> listener -> _ServerSide thread
+        frame = stream_send(header+body), stream_send(payload view) ...
+        reader: stream_recv(20-byte header) -> stream_recv(body) -> payload straight
+                into the KV blocks' views (or a staging buffer for CUDA)
+
+- Every stream operation is posted at once (a payload of many block views is many
+  posts) and then awaited by polling the requests' completion; the buffers are kept
+  referenced until UCX is done with them.
+- Endpoints are created with error handling on, so a dead peer fails the pending
+  requests (and fires the close callback): the channel raises PeerUnreachable and the
+  connection's handles fail, instead of hanging. One endpoint per peer, reused.
+- UCX_TLS: host memory uses ``HOST_TLS`` (no CUDA transports), CUDA memory ``CUDA_TLS``
+  (all, for cuda_copy / cuda_ipc / gdr_copy); a UCX_TLS in the environment wins. CUDA memory is packed into a device staging buffer that UCX moves
+  with cuda_copy / cuda_ipc (guarded: only when torch sees CUDA).
+- The UCX listener binds every interface on the ``listen`` port; ``address()``
+  advertises the ``listen`` host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any, Optional, Sequence
+
+import torch
+import ucxx._lib.libucxx as ucx
+from ucxx._lib.arr import Array
+
+from ..errors import PeerUnreachable
+from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
+from ..protocol.frames import HEADER
+from .base import BackendConfig, PeerInfo, parse_host_port
+from .twosided import Channel, TwoSidedBackend
+
+log = logging.getLogger("kvxfer.ucx")
+
+# Host memory: every transport but CUDA's (RDMA where present, else TCP; shared memory on
+# one host), so no CUDA context is made. CUDA memory: all of them, cuda_copy / cuda_ipc /
+# gdr_copy included. Naming absent transports (say "rc" here) makes UCX warn, so exclude.
+HOST_TLS = "^cuda"
+CUDA_TLS = "all"
+DRAIN_BYTES = 1 << 20
+CLOSE_PERIOD_NS = 1_000_000_000  # wait at most 1 s for an endpoint to close
+
+
+def ucx_options(host_memory: bool) -> dict[str, str]:
+    """UCX settings for a context moving host (or CUDA) memory; the environment wins.
+
+    Args:
+        host_memory: the registered KV cache is in host memory.
+
+    Returns:
+        UCX options without the ``UCX_`` prefix, for ``UCXContext(config_dict=...)``.
+    """
+    options = {"TLS": HOST_TLS if host_memory else CUDA_TLS, "WARN_UNUSED_ENV_VARS": "n"}
+    return {k: v for k, v in options.items() if f"UCX_{k}" not in os.environ}
+
+
+def _array(buf: object) -> Array:
+    if isinstance(buf, torch.Tensor):  # a CUDA staging buffer (__cuda_array_interface__)
+        return Array(buf)
+    return Array(memoryview(buf).cast("B"))  # type: ignore[arg-type]
+
+
+def _nbytes(buf: object) -> int:
+    if isinstance(buf, torch.Tensor):
+        return buf.numel() * buf.element_size()
+    return memoryview(buf).nbytes  # type: ignore[arg-type]
+
+
+class UcxChannel(Channel):
+    """One UCX endpoint as a frame channel; every call polls its requests to completion."""
+
+    def __init__(self, ep: Any) -> None:
+        self.ep = ep
+        self.conn = Connection()
+        self._timeout: Optional[float] = None
+        self._down: Optional[str] = None  # why the channel is unusable; set once
+        self._closed = False
+        self._orphans: list[tuple[list, list]] = []  # requests abandoned mid-flight
+        self._header = bytearray(HEADER_SIZE)
+        ep.set_close_callback(self._on_close)
+
+    def _on_close(self, *_: object) -> None:  # from UCX's progress thread
+        if self._down is None:
+            self._down = "the UCX endpoint closed (peer gone or unreachable)"
+
+    # ---------------------------------------------------------------- waiting
+    def _run(self, post: Any, buffers: Sequence[object]) -> None:
+        """Post one stream operation per buffer, then wait for all of them."""
+        if self._down is not None:
+            raise PeerUnreachable(f"UCX channel is down: {self._down}")
+        arrays = [_array(b) for b in buffers if _nbytes(b)]
+        try:
+            requests = [post(a) for a in arrays]
+        except Exception as exc:  # noqa: BLE001 - any ucxx failure ends the channel
+            self._down = self._down or str(exc)
+            raise PeerUnreachable(f"UCX post failed: {exc}") from exc
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        spins = 0
+        for request in requests:
+            while not request.completed:
+                if self._down is not None or (deadline and time.monotonic() > deadline):
+                    self._orphans.append((requests, arrays))  # UCX may still use them
+                    why = self._down or f"no progress within {self._timeout} s"
+                    raise PeerUnreachable(f"UCX channel is down: {why}")
+                spins += 1
+                time.sleep(0 if spins < 64 else min(1e-3, 2e-5 * (spins - 63)))
+            try:
+                request.check_error()
+            except Exception as exc:  # noqa: BLE001 - UCX reports a dead peer this way
+                self._down = self._down or f"{type(exc).__name__}: {exc}"
+                self._orphans.append((requests, arrays))
+                raise PeerUnreachable(f"UCX transfer failed: {self._down}") from exc
+
+    def _recv_exact(self, buffers: Sequence[object]) -> None:
+        self._run(self.ep.stream_recv, buffers)
+
+    # --------------------------------------------------------------- Channel
+    def send(self, buffers: Sequence[object]) -> None:
+        self._run(self.ep.stream_send, buffers)
+
+    def next_event(self) -> Event:
+        ev = self.conn.next_event()
+        if ev is not NEED_DATA:
+            return ev
+        self._recv_exact([self._header])
+        self.conn.receive_data(self._header)
+        ev = self.conn.next_event()  # raises RemoteProtocolError on a bad header
+        if ev is NEED_DATA:
+            body = bytearray(HEADER.unpack(self._header)[4])
+            self._recv_exact([body])
+            self.conn.receive_data(body)
+            ev = self.conn.next_event()
+        return ev
+
+    def recv_payload(self, buffers: Sequence[object]) -> None:
+        total = sum(_nbytes(b) for b in buffers)
+        self._recv_exact(buffers)
+        self.conn.payload_received_elsewhere(total)
+
+    def drain_payload(self) -> None:
+        scratch = bytearray(min(DRAIN_BYTES, self.conn.payload_remaining))
+        while self.conn.payload_remaining:
+            n = min(len(scratch), self.conn.payload_remaining)
+            self._recv_exact([memoryview(scratch)[:n]])
+            self.conn.payload_received_elsewhere(n)
+
+    def set_timeout(self, seconds: Optional[float]) -> None:
+        self._timeout = seconds
+
+    def shutdown(self) -> None:
+        if self._down is None:
+            self._down = "closed by this side"
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.ep.close_blocking(period=CLOSE_PERIOD_NS, max_attempts=1)
+            self.ep.remove_close_callback()
+        except Exception as exc:  # noqa: BLE001 - closing a dead endpoint may complain
+            log.debug("closing a UCX endpoint: %s", exc)
+
+
+class UcxBackend(TwoSidedBackend):
+    """kvxfer over UCX (``pip install 'kvxfer[ucx]'``); see the module docstring."""
+
+    name = "ucx"
+
+    def __init__(self, agent_name: str, listen: str, config: BackendConfig) -> None:
+        super().__init__(agent_name, listen, config)
+        self._host, self._port = parse_host_port(listen)
+        self._worker: Any = None
+        self._listener: Any = None
+        self._channels: list[UcxChannel] = []  # every channel, closed before the worker stops
+
+    def address(self) -> str:
+        if self._listener is None:
+            raise PeerUnreachable("the UCX backend listens once a KV cache is registered")
+        host = self._host if self._host not in ("0.0.0.0", "::", "") else self._listener.ip
+        return f"[{host}]:{self._listener.port}" if ":" in host else f"{host}:{self._listener.port}"
+
+    def _listen(self) -> None:
+        memory = self._memory
+        assert memory is not None
+        if not memory.is_host and torch.cuda.is_available():
+            self.staging_device = memory.layout.device  # UCX moves device buffers itself
+        try:
+            context = ucx.UCXContext(config_dict=ucx_options(memory.is_host),
+                                     feature_flags=(ucx.Feature.STREAM, ucx.Feature.WAKEUP))
+            self._worker = ucx.UCXWorker(context)
+            self._worker.start_progress_thread(polling_mode=False, epoll_timeout=10)
+            self._listener = ucx.UCXListener.create(self._worker, self._port,
+                                                    self._on_conn_request)
+        except Exception as exc:  # noqa: BLE001 - ucxx raises its own exception types
+            self._release()
+            raise PeerUnreachable(f"UCX cannot listen on {self.listen!r}: {exc}") from exc
+
+    def _track(self, ep: Any) -> UcxChannel:
+        channel = UcxChannel(ep)
+        with self._lock:
+            self._channels.append(channel)
+        return channel
+
+    def _on_conn_request(self, conn_request: int) -> None:  # on UCX's progress thread
+        try:
+            ep = self._listener.create_endpoint_from_conn_request(conn_request, True)
+            self.serve_channel(self._track(ep))
+        except Exception:  # noqa: BLE001 - never raise into UCX's thread
+            log.exception("cannot accept a UCX connection")
+
+    def _open_channel(self, peer: PeerInfo) -> Channel:
+        host, port = parse_host_port(peer.address)
+        try:
+            ep = self._worker.create_endpoint_from_hostname(host, port, True)
+        except Exception as exc:  # noqa: BLE001
+            raise PeerUnreachable(f"cannot reach peer {peer.name!r} at {peer.address} over "
+                                  f"UCX: {exc}") from exc
+        return self._track(ep)
+
+    def _stop_listening(self) -> list[threading.Thread]:
+        self._listener = None  # destroys the UCX listener: no new connections
+        return []
+
+    def _release(self) -> None:
+        with self._lock:
+            channels, self._channels = self._channels, []
+        for channel in channels:
+            channel.shutdown()
+            channel.close()
+        worker, self._worker = self._worker, None
+        if worker is not None:
+            try:
+                worker.cancel_inflight_requests(period=CLOSE_PERIOD_NS, max_attempts=1)
+            finally:
+                worker.stop_progress_thread()
