@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvxfer.prefix.bitmaps import leading_counts, popcount_columns, set_bits
 from kvxfer.prefix.keys import BlockHashes, as_key, as_keys
 from kvxfer.prefix.locations import TIERS, Location, Overlap, tier_index
 from kvxfer.prefix.table import SlotTable
@@ -229,14 +230,14 @@ class PrefixIndex:
         with self._lock:
             run, slots = self._run(keys)
             self._touch(slots)
-            return {self._owner[w]: c for w, c in self._counts(run).items()}
+            return {self._owner[w]: c for w, c in leading_counts(run).items()}
 
     def overlap(self, block_hashes: BlockHashes) -> dict[Hashable, Overlap]:
         """Like :meth:`match`, with each worker's matched blocks split by best tier."""
         keys = as_keys(block_hashes)
         with self._lock:
             run, slots = self._run(keys)
-            counts = self._counts(run)
+            counts = leading_counts(run)
             if not counts:
                 return {}
             self._touch(slots)
@@ -246,7 +247,7 @@ class PrefixIndex:
             for t in range(_NT):
                 best = tiered[:, t, :] & ~seen & run
                 seen |= tiered[:, t, :]
-                per_tier.append(_popcount_columns(best))
+                per_tier.append(popcount_columns(best))
             return {self._owner[w]: Overlap(self._owner[w], c,
                                             {TIERS[t]: int(per_tier[t][w]) for t in range(_NT)})
                     for w, c in counts.items()}
@@ -276,7 +277,7 @@ class PrefixIndex:
             out = []
             for t in range(_NT):
                 for word, bits in enumerate(masks[t].tolist()):
-                    for wid in _bits(bits, word * 64):
+                    for wid in set_bits(bits, word * 64):
                         block = self._block_ids.get(wid, {}).get((t, key))
                         out.append(Location(self._owner[wid], TIERS[t], block))
             return out
@@ -373,22 +374,6 @@ class PrefixIndex:
             run, slots = run[:stop], slots[:stop]
         return run, slots
 
-    def _counts(self, run: np.ndarray) -> dict[int, int]:
-        """Worker id -> leading rows its bit stays set in ``run`` (monotone)."""
-        rows = run.shape[0]
-        if rows == 0:
-            return {}
-        counts: dict[int, int] = {}
-        change = np.flatnonzero((run[:-1] != run[1:]).any(axis=1))
-        for i in change.tolist():
-            for word, (now, nxt) in enumerate(zip(run[i].tolist(), run[i + 1].tolist())):
-                for wid in _bits(now & ~nxt, word * 64):
-                    counts[wid] = i + 1
-        for word, bits in enumerate(run[-1].tolist()):
-            for wid in _bits(bits, word * 64):
-                counts[wid] = rows
-        return counts
-
     def _maybe_evict(self) -> None:
         limit = self.config.max_entries
         table = self._table
@@ -407,23 +392,6 @@ class PrefixIndex:
                     del ids[tk]
         table.delete(victims)
         self._evicted += int(victims.shape[0])
-
-
-def _bits(value: int, base: int) -> list[int]:
-    """Positions of the set bits of ``value``, offset by ``base``."""
-    out = []
-    while value:
-        low = value & -value
-        out.append(base + low.bit_length() - 1)
-        value ^= low
-    return out
-
-
-def _popcount_columns(words: np.ndarray) -> np.ndarray:
-    """Per bit position, how many rows of a (rows, W) uint64 array have it set."""
-    raw = np.ascontiguousarray(words.astype("<u8", copy=False)).view(np.uint8)
-    return np.unpackbits(raw.reshape(words.shape[0], -1), axis=1,
-                         bitorder="little").sum(axis=0, dtype=np.int64)
 
 
 __all__ = ["IndexConfig", "IndexStats", "PrefixIndex"]
