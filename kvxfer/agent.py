@@ -19,7 +19,7 @@ from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolErr
 from .handle import TransferHandle
 from .layout import KVLayout, LayoutDescriptor
 from .memory import RegisteredMemory
-from .plan import merge_runs, plan_chunks
+from .plan import chunk_size, merge_runs, plan_chunks
 
 METADATA_MAGIC = b"KVXM1"
 MAX_NOTIFY = 64 << 10
@@ -69,7 +69,8 @@ class Agent:
         name: unique name of this agent among its peers.
         backend: "tcp" (built in) or another registered backend.
         listen: "host:port" where the backend accepts peers (port 0: any free port).
-        chunk_bytes: largest piece a transfer is split into.
+        chunk_bytes: largest piece a transfer is split into (smaller requests are split
+            into smaller pieces, down to 256 KiB, so sending and receiving overlap).
         max_inflight: chunks outstanding per peer; with chunk_bytes, bounds memory.
         transfer_timeout: default deadline of a transfer, in seconds.
         connect_timeout: seconds to reach a peer.
@@ -267,7 +268,9 @@ class Agent:
             side = "local" if op == "read" else "remote"
             raise ValueError(f"{op} names a {side} destination block more than once")
         layer_list = layout.normalize_layers(layers)
-        chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, self.config.chunk_bytes)
+        total = sum(n for _, _, n in runs) * memory.layer_block_bytes * len(layer_list)
+        size = chunk_size(total, self.config.chunk_bytes, self.config.max_inflight)
+        chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, size)
         deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
         handle = TransferHandle(next(self._ids), peer.name, op, layer_list, chunks, notify,
                                 deadline)

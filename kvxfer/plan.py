@@ -21,6 +21,7 @@ from .errors import BlockOutOfRange
 
 Run = tuple[int, int, int]  # (local_start, remote_start, count)
 MAX_RUNS_PER_CHUNK = 65536  # keeps a frame body under 1 MiB
+MIN_CHUNK = 256 << 10  # below this, per-chunk overhead outweighs overlap
 MAX_BLOCK_ID = 0xFFFFFFFF
 
 
@@ -88,6 +89,14 @@ def _split_runs(runs: Sequence[Run], max_blocks: int, max_runs: int) -> list[lis
             groups[-1].append((lo, ro, take))
             lo, ro, n, room = lo + take, ro + take, n - take, room - take
     return groups if groups[0] else []
+
+
+def chunk_size(total_bytes: int, budget: int, max_inflight: int) -> int:
+    """Chunk size for a request: small enough that ~4 windows of ``max_inflight`` chunks
+    overlap the peer's sending with our receiving, never below MIN_CHUNK (or the whole
+    request) nor above ``budget``."""
+    want = total_bytes // (4 * max_inflight)
+    return max(1, min(budget, max(want, min(MIN_CHUNK, budget))))
 
 
 def plan_chunks(runs: Sequence[Run], layers: Sequence[int], layer_block_bytes: int,

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from kvxfer.errors import BlockOutOfRange
-from kvxfer.plan import merge_runs, plan_chunks
+from kvxfer.plan import MIN_CHUNK, chunk_size, merge_runs, plan_chunks
 
 
 def test_runs_merge_only_where_both_sides_are_contiguous():
@@ -57,3 +57,10 @@ def test_chunks_cover_every_block_of_every_layer_once_within_budget(seed):
 def test_nothing_to_move_is_no_chunks():
     assert plan_chunks([], [0, 1], 64, 1024) == []
     assert plan_chunks([(0, 0, 3)], [], 64, 1024) == []
+
+
+def test_chunk_size_overlaps_small_requests_and_caps_large_ones():
+    assert chunk_size(512 << 20, 4 << 20, 4) == 4 << 20
+    assert chunk_size(16 << 20, 4 << 20, 4) == 1 << 20
+    assert chunk_size(100 << 10, 4 << 20, 4) == MIN_CHUNK
+    assert chunk_size(512 << 20, 8 << 10, 2) == 8 << 10  # a small budget is a hard cap
