@@ -121,7 +121,10 @@ class NixlBackend(Backend):
         self._memory, self._notify = memory, notify
         if not memory.is_host:
             self._mem_type, self._device = "VRAM", memory.layout.device.index or 0
-        self._agent = nixl_agent(self.agent_name, nixl_agent_config(backends=["UCX"]))
+        # NIXL's own progress thread spins (one core per agent); our poll thread progresses
+        # the agent instead, through check_xfer_state and get_new_notifs.
+        self._agent = nixl_agent(self.agent_name, nixl_agent_config(enable_prog_thread=False,
+                                                                    backends=["UCX"]))
         storages: dict[int, tuple[int, int, int, str]] = {}
         for region in memory.layout.regions:
             storage = region.view.untyped_storage()

@@ -71,13 +71,17 @@ def block_bytes(layout: kvxfer.KVLayout, ids: list[int]) -> list[bytes]:
             for r in layout.regions]
 
 
-def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict) -> None:
-    """Serve agents for ``specs`` until told to stop; answers commands on ``conn``."""
+def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
+              prefix: str = "peer") -> None:
+    """Serve agents for ``specs`` until told to stop; answers commands on ``conn``.
+
+    Agents are named ``{prefix}-{spec.key}`` (two peer processes need two prefixes).
+    """
     agents: dict[str, tuple[kvxfer.Agent, kvxfer.KVLayout]] = {}
     try:
         for spec in specs:
             layout = build_layout(spec, seed)
-            agent = kvxfer.Agent(f"peer-{spec.key}", **options)
+            agent = kvxfer.Agent(f"{prefix}-{spec.key}", **options)
             agent.register_kv_cache(layout)
             agents[spec.key] = (agent, layout)
         conn.send({key: agent.metadata() for key, (agent, _) in agents.items()})
@@ -108,10 +112,12 @@ def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict) -> None:
 class PeerProcess:
     """A spawned process hosting one agent per spec; see kvpeer.peer_main."""
 
-    def __init__(self, specs: list[Spec], seed: int = 1, **options: Any) -> None:
+    def __init__(self, specs: list[Spec], seed: int = 1, prefix: str = "peer",
+                 **options: Any) -> None:
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer_main, args=(child, specs, seed, options), daemon=True)
+        self.proc = ctx.Process(target=peer_main, args=(child, specs, seed, options, prefix),
+                                daemon=True)
         self.proc.start()
         child.close()
         self.meta: dict[str, bytes] = self._recv(60)

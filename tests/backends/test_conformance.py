@@ -1,0 +1,229 @@
+"""Backend conformance: the same two-process tests over every backend (conftest.BACKENDS).
+
+Each test runs between this process and real peer processes (tests/integration/kvpeer.py)
+and checks what the Agent promises whatever carries the bytes: byte-exact reads and
+writes in every layout, notifications, chunking, concurrency, failures and close().
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+import kvxfer
+
+from kvpeer import PeerProcess, Spec, block_bytes, build_layout
+
+SPECS = [Spec(c, d) for c in ("nhd", "hnd", "flashinfer", "split", "mla")
+         for d in ("bfloat16", "float32")]
+BIG = Spec("nhd", "float32", num_blocks=2048)
+_names = iter(range(1 << 30))
+
+
+@pytest.fixture(scope="module")
+def peers(backend):
+    p = PeerProcess(SPECS, backend=backend)
+    yield p
+    p.stop()
+
+
+def local_agent(backend: str, spec: Spec, seed: int = 2, name: str = "local",
+                **options) -> tuple[kvxfer.Agent, kvxfer.KVLayout]:
+    layout = build_layout(spec, seed)
+    agent = kvxfer.Agent(name, backend=backend, **options)
+    agent.register_kv_cache(layout)
+    return agent, layout
+
+
+def random_ids(n: int, count: int, gen: torch.Generator) -> list[int]:
+    return torch.randperm(n, generator=gen)[:count].tolist()
+
+
+def snapshot(layout: kvxfer.KVLayout) -> list[bytes]:
+    return block_bytes(layout, list(range(layout.num_blocks)))
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
+def test_read_and_write_are_byte_exact_in_every_layout(backend, peers, spec):
+    gen = torch.Generator().manual_seed(sum(map(ord, spec.key)))
+    remote, local = random_ids(32, 12, gen), random_ids(32, 12, gen)
+    agent, layout = local_agent(backend, spec)
+    with agent:
+        before = snapshot(layout)
+        peer = agent.add_peer(peers.meta[spec.key])
+        agent.read(peer, remote, local).wait(10)
+        assert block_bytes(layout, local) == peers.call("blocks", spec.key, remote)
+        after = snapshot(layout)
+        for region in range(len(layout.regions)):  # blocks not named are untouched
+            for b in sorted(set(range(32)) - set(local)):
+                size = layout.block_bytes
+                assert after[region][b * size:(b + 1) * size] == \
+                    before[region][b * size:(b + 1) * size]
+        src, dst = random_ids(32, 9, gen), random_ids(32, 9, gen)
+        agent.write(peer, src, dst).wait(10)
+        assert peers.call("blocks", spec.key, dst) == block_bytes(layout, src)
+
+
+def test_non_contiguous_and_reversed_block_lists(backend, peers):
+    spec = SPECS[0]
+    agent, layout = local_agent(backend, spec)
+    with agent:
+        peer = agent.add_peer(peers.meta[spec.key])
+        remote = [31, 0, 1, 2, 17, 16, 15, 8, 10, 12]
+        local = [3, 4, 5, 6, 30, 29, 28, 0, 1, 2]
+        agent.read(peer, remote, local).wait(10)
+        assert block_bytes(layout, local) == peers.call("blocks", spec.key, remote)
+        agent.write(peer, local[::-1], [20, 22, 24, 26, 9, 7, 5, 3, 13, 11]).wait(10)
+        assert peers.call("blocks", spec.key, [20, 22, 24, 26, 9, 7, 5, 3, 13, 11]) == \
+            block_bytes(layout, local[::-1])
+
+
+def test_layer_subset_moves_only_those_layers(backend, peers):
+    spec = SPECS[2]
+    agent, layout = local_agent(backend, spec)
+    with agent:
+        before = snapshot(layout)
+        peer = agent.add_peer(peers.meta[spec.key])
+        h = agent.read(peer, [5, 6, 9], [1, 2, 3], layers=[2, 0])
+        h.wait_layer(0, timeout=10)
+        h.wait(10)
+        assert h.layers == (0, 2)
+    theirs = peers.call("blocks", spec.key, [5, 6, 9])
+    mine, after = block_bytes(layout, [1, 2, 3]), snapshot(layout)
+    for r, region in enumerate(layout.regions):
+        if region.layer == 1:
+            assert after[r] == before[r]
+        else:
+            assert mine[r] == theirs[r]
+
+
+def test_notifications_arrive_after_the_write_and_not_for_refused_writes(backend, peers):
+    spec = SPECS[4]
+    agent, layout = local_agent(backend, spec)
+    with agent:
+        peer = agent.add_peer(peers.meta[spec.key])
+        agent.write(peer, [0, 1], [4, 5], notify=b"req-42 done").wait(10)
+        assert peers.call("blocks", spec.key, [4, 5]) == block_bytes(layout, [0, 1])
+        agent.write(peer, [], [], notify=b"just a message").wait(10)
+        refused = agent.write(peer, [0], [10_000], notify=b"never")
+        with pytest.raises(kvxfer.TransferFailed):
+            refused.wait(10)
+        deadline = time.monotonic() + 5
+        notes: list = []
+        while len(notes) < 2 and time.monotonic() < deadline:  # one-sided: sent after data
+            notes += peers.call("notes", spec.key)
+            time.sleep(0.02)
+    assert notes == [("local", b"req-42 done"), ("local", b"just a message")]
+
+
+def test_remote_block_out_of_range_fails_the_handle_and_touches_nothing(backend, peers):
+    spec = SPECS[0]
+    agent, layout = local_agent(backend, spec)
+    with agent:
+        before = snapshot(layout)
+        peer = agent.add_peer(peers.meta[spec.key])
+        with pytest.raises(kvxfer.TransferFailed):
+            agent.read(peer, [3, 31, 32], [0, 1, 2]).wait(10)
+        assert snapshot(layout) == before
+        agent.read(peer, [3], [0]).wait(10)  # the connection is still good
+        assert peer.alive
+
+
+def test_requests_past_the_chunk_budget(backend, peer_process):
+    spec = Spec("nhd", "bfloat16", num_blocks=256)
+    p = peer_process([spec])
+    gen = torch.Generator().manual_seed(5)
+    remote, local = random_ids(256, 200, gen), random_ids(256, 200, gen)
+    agent, layout = local_agent(backend, spec, chunk_bytes=8 << 10, max_inflight=2)
+    with agent:
+        peer = agent.add_peer(p.meta[spec.key])
+        h = agent.read(peer, remote, local)
+        assert len(h.chunks) >= 38 and max(c.nbytes for c in h.chunks) <= 8 << 10
+        h.wait(30)
+        agent.write(peer, local[:150], remote[:150], notify=b"big").wait(30)
+    assert block_bytes(layout, local) == block_bytes(build_layout(spec, 1), remote)
+    assert p.call("blocks", spec.key, remote[:150]) == block_bytes(layout, local[:150])
+    deadline = time.monotonic() + 5
+    notes: list = []
+    while not notes and time.monotonic() < deadline:
+        notes = p.call("notes", spec.key)
+    assert notes == [("local", b"big")]
+
+
+def test_concurrent_requests_to_several_peers(backend, peers, peer_process):
+    spec = SPECS[0]
+    other = peer_process([spec], seed=9, prefix="other")
+    agent, layout = local_agent(backend, spec, chunk_bytes=16 << 10, max_inflight=2)
+    with agent:
+        a, b = agent.add_peer(peers.meta[spec.key]), agent.add_peer(other.meta[spec.key])
+        reads = [agent.read(a, [i, i + 8], [i, i + 8]) for i in range(4)]
+        reads += [agent.read(b, [i, i + 8], [i + 16, i + 24]) for i in range(4)]
+        writes = [agent.write(peer, [i + 28], [i + 4], notify=b"w") for peer in (a, b)
+                  for i in range(4)]  # sources the reads do not touch: handles race
+        for h in reads + writes:
+            h.wait(20)
+        a_ids, b_ids = [0, 1, 2, 3, 8, 9, 10, 11], [16, 17, 18, 19, 24, 25, 26, 27]
+        assert block_bytes(layout, a_ids) == peers.call("blocks", spec.key, a_ids)
+        assert block_bytes(layout, b_ids) == other.call("blocks", spec.key, a_ids)
+        for peer in (peers, other):
+            assert peer.call("blocks", spec.key, [4, 5, 6, 7]) == \
+                block_bytes(layout, [28, 29, 30, 31])
+
+
+def test_peer_killed_mid_transfer_fails_within_deadline(backend, peer_process):
+    p = peer_process([BIG])
+    agent, _ = local_agent(backend, BIG, chunk_bytes=4096, max_inflight=1, transfer_timeout=8)
+    with agent:
+        peer = agent.add_peer(p.meta[BIG.key])
+        h = agent.read(peer, list(range(2048)), list(range(2048)))
+        h.wait_layer(0, timeout=10)
+        os.kill(p.proc.pid, signal.SIGSTOP)
+        assert not h.done(), "transfer finished before the peer was stopped; make it larger"
+        os.kill(p.proc.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        with pytest.raises(kvxfer.TransferFailed):
+            h.wait()
+        assert time.monotonic() - t0 < 8.5
+        with pytest.raises(kvxfer.TransferFailed):
+            agent.read(peer, [0], [0]).wait(8)
+
+
+def test_mismatched_layout_is_refused(backend, peers):
+    agent, _ = local_agent(backend, Spec("nhd", "float16"))
+    with agent:
+        with pytest.raises(kvxfer.LayoutMismatch) as info:
+            agent.add_peer(peers.meta[SPECS[0].key])  # nhd bfloat16
+        assert info.value.field == "dtype"
+        with pytest.raises(kvxfer.LayoutMismatch):
+            agent.add_peer(peers.meta[SPECS[2].key])  # hnd: another block order too
+
+
+def _threads_of(name: str) -> list[str]:
+    return [t.name for t in threading.enumerate() if f"[{name}" in t.name and t.is_alive()]
+
+
+def test_close_is_idempotent_and_releases_everything(backend, peers):
+    spec = SPECS[0]
+    name = f"closer-{next(_names)}"
+    agent, _ = local_agent(backend, spec, name=name)
+    peer = agent.add_peer(peers.meta[spec.key])
+    agent.read(peer, [1, 2], [1, 2]).wait(10)
+    assert _threads_of(name)
+    if backend == "nixl":
+        assert agent.backend.registered_storages == len({r.view.untyped_storage().data_ptr()
+                                                         for r in agent.layout.regions})
+    agent.close()
+    agent.close()
+    assert _threads_of(name) == []
+    if backend == "nixl":
+        assert agent.backend.registered_storages == 0  # deregistered from NIXL
+    with pytest.raises(kvxfer.AgentClosed):
+        agent.read(peer, [0], [0])
+    again, _ = local_agent(backend, spec, name=name)  # the peer serves a new connection
+    with again:
+        again.read(again.add_peer(peers.meta[spec.key]), [3], [3]).wait(10)
