@@ -177,6 +177,9 @@ class KVEventSubscriber:
     def wait_applied(self, seq: int, timeout: float) -> bool:
         """Block until batch ``seq`` (or a later one) is in the index.
 
+        Sequence numbers are the publisher's; after a publisher restart they start
+        over, so wait only for numbers of the current publisher.
+
         Returns:
             True if it is, False on timeout.
         """
