@@ -17,3 +17,13 @@ def test_usage_example_runs():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert "req-1 kv ready" in out.stdout
+
+
+def test_prefix_index_example_prints_what_its_comments_say():
+    text = README.read_text()
+    section = text[text.index("## Prefix-cache index"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[('worker-a', 40), ('worker-b', 60)]", "worker-b 14.0"]
