@@ -1,12 +1,15 @@
 """Two-process KV read benchmark: kvxfer Agent.read vs. a raw socket stream, alternated.
 
 A server process registers a KV cache shaped like a real model (../shared/kv_shapes.json
-geometry; Llama-3.1-8B by default) and also serves a raw TCP stream: on an 8-byte length
-request it sends that many bytes from one preallocated buffer. The client process reads
-the same number of bytes both ways, alternating, and reports medians and the ratio.
-Every kvxfer read is checked byte for byte against the server's deterministic data.
+geometry; Llama-3.1-8B by default) with one agent per backend asked for, and also serves
+a raw TCP stream: on an 8-byte length request it sends that many bytes from one
+preallocated buffer. The client process reads the same number of bytes every way, in
+turn within each repeat (each backend, then the raw socket), and reports medians and
+each backend's ratio to the same raw baseline. Every kvxfer read is checked byte for
+byte against the server's deterministic data.
 
-    python benchmarks/bench_transfer.py [--backend tcp] [--tokens 4096 128] [--repeats 15]
+    python benchmarks/bench_transfer.py [--backend tcp ucx nixl] [--tokens 4096 128]
+                                        [--repeats 15]
 """
 
 from __future__ import annotations
@@ -55,10 +58,16 @@ def server(args: argparse.Namespace, q: "mp.Queue", stop: "mp.Event") -> None:
     lsock = socket.create_server(("127.0.0.1", 0))
     raw = bytearray(layout.bytes_per_block * args.blocks)
     threading.Thread(target=_raw_server, args=(lsock, memoryview(raw)), daemon=True).start()
-    with kvxfer.Agent("bench-server", backend=args.backend) as agent:
-        agent.register_kv_cache(layout)
-        q.put((agent.metadata(), lsock.getsockname()[1]))
+    agents = [kvxfer.Agent(f"bench-server-{name}", backend=name, staged=args.staged)
+              for name in args.backend]
+    try:
+        for agent in agents:
+            agent.register_kv_cache(layout)
+        q.put(([agent.metadata() for agent in agents], lsock.getsockname()[1]))
         stop.wait()
+    finally:
+        for agent in agents:
+            agent.close()
 
 
 def raw_read(sock: socket.socket, dest: memoryview, n: int) -> None:
@@ -73,7 +82,8 @@ def raw_read(sock: socket.socket, dest: memoryview, n: int) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--backend", default="tcp")
+    ap.add_argument("--backend", nargs="+", default=["tcp"],
+                    help="one or more backends, measured in turn in one run")
     ap.add_argument("--model", default="llama-3.1-8b")
     ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 128])
     ap.add_argument("--repeats", type=int, default=15)
@@ -81,6 +91,8 @@ def main() -> None:
                     help="kvxfer chunk size (default: the Agent's)")
     ap.add_argument("--order", choices=["random", "contiguous"], default="random",
                     help="block ids: a random permutation (scattered) or one run")
+    ap.add_argument("--staged", action="store_true",
+                    help="two-sided backends pack chunks into staging buffers (the CUDA path)")
     args = ap.parse_args()
     geo = model_geometry(args.model)
     args.blocks = max(args.tokens) // geo.block_size
@@ -91,11 +103,16 @@ def main() -> None:
     meta, raw_port = q.get(timeout=120)
     local = make_kv_cache(geo, args.blocks, seed=2)
     expected = make_kv_cache(geo, args.blocks, seed=1)  # what the server holds
-    rows = []
+    rows: dict[str, list] = {name: [] for name in args.backend}
     options = {} if args.chunk_mib is None else {"chunk_bytes": int(args.chunk_mib * (1 << 20))}
-    with kvxfer.Agent("bench-client", backend=args.backend, **options) as agent:
-        agent.register_kv_cache(local)
-        peer = agent.add_peer(meta)
+    options["staged"] = args.staged
+    agents = [kvxfer.Agent(f"bench-client-{name}", backend=name, **options)
+              for name in args.backend]
+    try:
+        peers = []
+        for agent, server_meta in zip(agents, meta):
+            agent.register_kv_cache(local)
+            peers.append(agent.add_peer(server_meta))
         raw = socket.create_connection(("127.0.0.1", raw_port))
         _tune(raw)
         sink = memoryview(bytearray(local.bytes_per_block * args.blocks))
@@ -103,31 +120,50 @@ def main() -> None:
         for tokens in args.tokens:
             nblocks = tokens // geo.block_size
             nbytes = nblocks * local.bytes_per_block
-            t_kv, t_raw = [], []
+            t_kv: dict[str, list[float]] = {name: [] for name in args.backend}
+            t_raw = []
             for rep in range(args.repeats + 2):  # two warm-ups
-                if args.order == "random":
-                    remote = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
-                    dest = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
-                else:
-                    remote = dest = list(range(nblocks))
-                t0 = time.perf_counter()
-                agent.read(peer, remote, dest).wait(60)
+                for name, agent, peer in zip(args.backend, agents, peers):
+                    if args.order == "random":
+                        remote = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
+                        dest = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
+                    else:
+                        remote = dest = list(range(nblocks))
+                    t0 = time.perf_counter()
+                    agent.read(peer, remote, dest).wait(60)
+                    t1 = time.perf_counter()
+                    check(local, expected, remote, dest)
+                    if rep >= 2:
+                        t_kv[name].append(t1 - t0)
                 t1 = time.perf_counter()
                 raw_read(raw, sink, nbytes)
                 t2 = time.perf_counter()
-                for r in expected.regions[:: max(1, len(expected.regions) // 8)]:
-                    mine = local.region(r.layer, r.part).view
-                    assert torch.equal(mine[dest].view(torch.uint8), r.view[remote].view(torch.uint8)), \
-                        "kvxfer read corrupted KV"
                 if rep >= 2:
-                    t_kv.append(t1 - t0)
                     t_raw.append(t2 - t1)
-            kv, rw = statistics.median(t_kv), statistics.median(t_raw)
-            rows.append((tokens, nbytes, kv, rw))
+            rw = statistics.median(t_raw)
+            for name in args.backend:
+                rows[name].append((tokens, nbytes, statistics.median(t_kv[name]), rw))
         raw.close()
+    finally:
+        for agent in agents:
+            agent.close()
     stop.set()
     proc.join(10)
-    print(f"\nkvxfer read vs raw socket, backend={args.backend}, model={args.model}, "
+    for name in args.backend:
+        report(args, name, rows[name])
+
+
+def check(local: kvxfer.KVLayout, expected: kvxfer.KVLayout, remote: list[int],
+          dest: list[int]) -> None:
+    """Sampled regions of the read blocks must equal the server's bytes."""
+    for r in expected.regions[:: max(1, len(expected.regions) // 8)]:
+        mine = local.region(r.layer, r.part).view
+        assert torch.equal(mine[dest].view(torch.uint8), r.view[remote].view(torch.uint8)), \
+            "kvxfer read corrupted KV"
+
+
+def report(args: argparse.Namespace, backend: str, rows: list) -> None:
+    print(f"\nkvxfer read vs raw socket, backend={backend}, model={args.model}, "
           f"block ids {args.order}, chunk {args.chunk_mib or 'default'} MiB, {args.repeats} "
           "repeats alternated, medians")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, Python "

@@ -37,8 +37,10 @@ import time
 from typing import Any, Optional, Sequence
 
 import torch
-import ucxx._lib.libucxx as ucx
-from ucxx._lib.arr import Array
+
+_ENV_BEFORE = dict(os.environ)
+import ucxx._lib.libucxx as ucx  # noqa: E402 - after the snapshot
+from ucxx._lib.arr import Array  # noqa: E402
 
 from ..errors import PeerUnreachable
 from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
@@ -53,6 +55,17 @@ log = logging.getLogger("kvxfer.ucx")
 # gdr_copy included. Naming absent transports (say "rc" here) makes UCX warn, so exclude.
 HOST_TLS = "^cuda"
 CUDA_TLS = "all"
+# Importing ucxx tunes UCX through os.environ, which every later UCX user in the process
+# reads too (NIXL's gets ran 5x slower here under its UCX_RNDV_THRESH=8192). Keep that
+# tuning for our own contexts only: take it out of the environment, pass it per context.
+# (UCX_MEMTYPE_CACHE is not an option of the UCX ucxx ships with; it only draws a warning.)
+UCXX_TUNING = {k[4:]: v for k, v in os.environ.items()
+               if k.startswith("UCX_") and _ENV_BEFORE.get(k) != v and k != "UCX_MEMTYPE_CACHE"}
+for _key in [k for k in os.environ if k.startswith("UCX_") and _ENV_BEFORE.get(k) != os.environ[k]]:
+    if _key in _ENV_BEFORE:
+        os.environ[_key] = _ENV_BEFORE[_key]
+    else:
+        del os.environ[_key]
 DRAIN_BYTES = 1 << 20
 CLOSE_PERIOD_NS = 1_000_000_000  # wait at most 1 s for an endpoint to close
 
@@ -66,7 +79,8 @@ def ucx_options(host_memory: bool) -> dict[str, str]:
     Returns:
         UCX options without the ``UCX_`` prefix, for ``UCXContext(config_dict=...)``.
     """
-    options = {"TLS": HOST_TLS if host_memory else CUDA_TLS, "WARN_UNUSED_ENV_VARS": "n"}
+    options = {**UCXX_TUNING, "TLS": HOST_TLS if host_memory else CUDA_TLS,
+               "WARN_UNUSED_ENV_VARS": "n"}
     return {k: v for k, v in options.items() if f"UCX_{k}" not in os.environ}
 
 
