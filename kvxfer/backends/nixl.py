@@ -148,7 +148,8 @@ class NixlBackend(Backend):
         assert self._memory is not None, "start() first"
         head = json.dumps({"regions": _region_table(self._memory), "mem_type": self._mem_type,
                            "device": self._device}).encode()
-        return _LEN.pack(len(head)) + head + self._agent.get_agent_metadata()
+        with self._cond:
+            return _LEN.pack(len(head)) + head + self._agent.get_agent_metadata()
 
     def connect(self, peer: PeerInfo) -> _NixlPeer:
         memory = self._memory
