@@ -24,6 +24,7 @@ import struct
 import sys
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -70,6 +71,19 @@ def server(args: argparse.Namespace, q: "mp.Queue", stop: "mp.Event") -> None:
             agent.close()
 
 
+def spawn_server(target: Callable, args: argparse.Namespace) -> tuple:
+    """Start ``target(args, queue, stop)`` in a spawned process.
+
+    Returns:
+        (process, stop event, the first thing it put on the queue).
+    """
+    ctx = mp.get_context("spawn")
+    q, stop = ctx.Queue(), ctx.Event()
+    proc = ctx.Process(target=target, args=(args, q, stop), daemon=True)
+    proc.start()
+    return proc, stop, q.get(timeout=300)
+
+
 def raw_read(sock: socket.socket, dest: memoryview, n: int) -> None:
     sock.sendall(struct.pack("!Q", n))
     got = 0
@@ -96,11 +110,7 @@ def main() -> None:
     args = ap.parse_args()
     geo = model_geometry(args.model)
     args.blocks = max(args.tokens) // geo.block_size
-    ctx = mp.get_context("spawn")
-    q, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=server, args=(args, q, stop), daemon=True)
-    proc.start()
-    meta, raw_port = q.get(timeout=120)
+    proc, stop, (meta, raw_port) = spawn_server(server, args)
     local = make_kv_cache(geo, args.blocks, seed=2)
     expected = make_kv_cache(geo, args.blocks, seed=1)  # what the server holds
     rows: dict[str, list] = {name: [] for name in args.backend}
@@ -120,29 +130,10 @@ def main() -> None:
         for tokens in args.tokens:
             nblocks = tokens // geo.block_size
             nbytes = nblocks * local.bytes_per_block
-            t_kv: dict[str, list[float]] = {name: [] for name in args.backend}
-            t_raw = []
-            for rep in range(args.repeats + 2):  # two warm-ups
-                for name, agent, peer in zip(args.backend, agents, peers):
-                    if args.order == "random":
-                        remote = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
-                        dest = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
-                    else:
-                        remote = dest = list(range(nblocks))
-                    t0 = time.perf_counter()
-                    agent.read(peer, remote, dest).wait(60)
-                    t1 = time.perf_counter()
-                    check(local, expected, remote, dest)
-                    if rep >= 2:
-                        t_kv[name].append(t1 - t0)
-                t1 = time.perf_counter()
-                raw_read(raw, sink, nbytes)
-                t2 = time.perf_counter()
-                if rep >= 2:
-                    t_raw.append(t2 - t1)
-            rw = statistics.median(t_raw)
+            kv, rw = measure(args, agents, peers, local, expected, nblocks, gen,
+                             lambda: raw_read(raw, sink, nbytes))
             for name in args.backend:
-                rows[name].append((tokens, nbytes, statistics.median(t_kv[name]), rw))
+                rows[name].append((tokens, nbytes, kv[name], rw))
         raw.close()
     finally:
         for agent in agents:
@@ -151,6 +142,37 @@ def main() -> None:
     proc.join(10)
     for name in args.backend:
         report(args, name, rows[name])
+
+
+def measure(args: argparse.Namespace, agents: list, peers: list, local: kvxfer.KVLayout,
+            expected: kvxfer.KVLayout, nblocks: int, gen: torch.Generator,
+            baseline: Callable[[], object]) -> tuple[dict[str, float], float]:
+    """Median seconds of each backend's read of ``nblocks`` blocks, and of ``baseline``.
+
+    Each repeat reads with every backend in turn (checking the bytes), then runs the
+    baseline once; two warm-up repeats are not counted.
+    """
+    t_kv: dict[str, list[float]] = {name: [] for name in args.backend}
+    t_base = []
+    for rep in range(args.repeats + 2):
+        for name, agent, peer in zip(args.backend, agents, peers):
+            if getattr(args, "order", "random") == "random":
+                remote = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
+                dest = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
+            else:
+                remote = dest = list(range(nblocks))
+            t0 = time.perf_counter()
+            agent.read(peer, remote, dest).wait(120)
+            t1 = time.perf_counter()
+            check(local, expected, remote, dest)
+            if rep >= 2:
+                t_kv[name].append(t1 - t0)
+        t1 = time.perf_counter()
+        baseline()
+        if rep >= 2:
+            t_base.append(time.perf_counter() - t1)
+    return ({name: statistics.median(t) for name, t in t_kv.items()},
+            statistics.median(t_base))
 
 
 def check(local: kvxfer.KVLayout, expected: kvxfer.KVLayout, remote: list[int],

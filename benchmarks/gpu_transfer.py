@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import kvxfer  # noqa: E402
-from bench_transfer import check  # noqa: E402
+from bench_transfer import measure, spawn_server  # noqa: E402
 from kv_models import make_kv_cache, model_geometry  # noqa: E402
 
 
@@ -40,16 +38,6 @@ def server(args: argparse.Namespace, q: "mp.Queue", stop: "mp.Event") -> None:
             agent.close()
 
 
-def d2d_copy_seconds(nbytes: int) -> float:
-    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    dst.copy_(src)
-    torch.cuda.synchronize()
-    return time.perf_counter() - t0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--backend", nargs="+", default=["ucx", "nixl"])
@@ -63,11 +51,7 @@ def main() -> None:
         return
     geo = model_geometry(args.model)
     args.blocks = max(args.tokens) // geo.block_size
-    ctx = mp.get_context("spawn")
-    q, stop = ctx.Queue(), ctx.Event()
-    proc = ctx.Process(target=server, args=(args, q, stop), daemon=True)
-    proc.start()
-    metas = q.get(timeout=300)
+    proc, stop, metas = spawn_server(server, args)
     local = make_kv_cache(geo, args.blocks, seed=2, device="cuda")
     expected = make_kv_cache(geo, args.blocks, seed=1, device="cuda")
     agents = [kvxfer.Agent(f"gpu-client-{name}", backend=name) for name in args.backend]
@@ -81,24 +65,11 @@ def main() -> None:
         for tokens in args.tokens:
             nblocks = tokens // geo.block_size
             nbytes = nblocks * local.bytes_per_block
-            times: dict[str, list[float]] = {name: [] for name in args.backend}
-            copies = []
-            for rep in range(args.repeats + 2):  # two warm-ups
-                for name, agent, peer in zip(args.backend, agents, peers):
-                    remote = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
-                    dest = torch.randperm(args.blocks, generator=gen)[:nblocks].tolist()
-                    t0 = time.perf_counter()
-                    agent.read(peer, remote, dest).wait(120)
-                    t1 = time.perf_counter()
-                    check(local, expected, remote, dest)
-                    if rep >= 2:
-                        times[name].append(t1 - t0)
-                copy = d2d_copy_seconds(nbytes)
-                if rep >= 2:
-                    copies.append(copy)
-            cp = statistics.median(copies)
-            rows += [(name, tokens, nbytes, statistics.median(times[name]), cp)
-                     for name in args.backend]
+            src = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+            dst = torch.empty_like(src)
+            kv, cp = measure(args, agents, peers, local, expected, nblocks, gen,
+                             lambda: (dst.copy_(src), torch.cuda.synchronize()))
+            rows += [(name, tokens, nbytes, kv[name], cp) for name in args.backend]
     finally:
         for agent in agents:
             agent.close()

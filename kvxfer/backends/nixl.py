@@ -43,7 +43,8 @@ from typing import Any, Optional
 import numpy as np
 from nixl_cu12._api import nixl_agent, nixl_agent_config
 
-from ..errors import AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreachable, RemoteProtocolError
+from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreachable,
+                      RemoteProtocolError)
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
 from ..plan import Chunk

@@ -5,8 +5,8 @@ Theory of operation
 ucxx's Python API offers tag, stream and active messages but no RMA (no memory
 mapping, rkeys, put or get), so this backend is two-sided like TCP and shares its
 machinery (:mod:`kvxfer.backends.twosided`): a UCX endpoint carries the same frames a
-TCP socket does, and UCX picks the fastest path between the two processes (shared
-memory on one host, RDMA or TCP between hosts, CUDA IPC for device buffers)::
+TCP socket does, and UCX picks the path between the two processes (RDMA or TCP
+between hosts, CUDA IPC for device buffers)::
 
     this process                                           peer process
     UCXWorker + progress thread (owned, stopped on close)  UCXWorker + progress thread
@@ -21,9 +21,13 @@ memory on one host, RDMA or TCP between hosts, CUDA IPC for device buffers)::
 - Endpoints are created with error handling on, so a dead peer fails the pending
   requests (and fires the close callback): the channel raises PeerUnreachable and the
   connection's handles fail, instead of hanging. One endpoint per peer, reused.
+  The price, with the UCX 1.21 ucxx-cu12 ships: error handling rules out its shared
+  memory transports, so two processes on one host talk over TCP loopback
+  (benchmarks/RESULTS.md has the figures).
 - UCX_TLS: host memory uses ``HOST_TLS`` (no CUDA transports), CUDA memory ``CUDA_TLS``
-  (all, for cuda_copy / cuda_ipc / gdr_copy); a UCX_TLS in the environment wins. CUDA memory is packed into a device staging buffer that UCX moves
-  with cuda_copy / cuda_ipc (guarded: only when torch sees CUDA).
+  (all, for cuda_copy / cuda_ipc / gdr_copy); a UCX_TLS in the environment wins.
+  CUDA memory is packed into a device staging buffer that UCX moves with cuda_copy /
+  cuda_ipc (guarded: only when torch sees CUDA).
 - The UCX listener binds every interface on the ``listen`` port; ``address()``
   advertises the ``listen`` host.
 """

@@ -17,7 +17,8 @@ import torch
 
 import kvxfer
 
-from kvpeer import PeerProcess, Spec, block_bytes, build_layout
+from kvpeer import PeerProcess, Spec, block_bytes, build_layout, random_ids, snapshot
+from kvpeer import local_agent as _local_agent
 
 SPECS = [Spec(c, d) for c in ("nhd", "hnd", "flashinfer", "split", "mla")
          for d in ("bfloat16", "float32")]
@@ -34,18 +35,20 @@ def peers(backend):
 
 def local_agent(backend: str, spec: Spec, seed: int = 2, name: str = "local",
                 **options) -> tuple[kvxfer.Agent, kvxfer.KVLayout]:
-    layout = build_layout(spec, seed)
-    agent = kvxfer.Agent(name, backend=backend, **options)
-    agent.register_kv_cache(layout)
-    return agent, layout
+    return _local_agent(spec, seed, name, backend=backend, **options)
 
 
-def random_ids(n: int, count: int, gen: torch.Generator) -> list[int]:
-    return torch.randperm(n, generator=gen)[:count].tolist()
-
-
-def snapshot(layout: kvxfer.KVLayout) -> list[bytes]:
-    return block_bytes(layout, list(range(layout.num_blocks)))
+def wait_notes(peer: PeerProcess, key: str, count: int) -> list:
+    """The peer's notifications once ``count`` arrived, and whatever else came within
+    0.1 s more (one-sided backends send them after the data, so they may land just
+    after the writer's handle completed)."""
+    deadline = time.monotonic() + 5
+    notes: list = []
+    while len(notes) < count and time.monotonic() < deadline:
+        notes += peer.call("notes", key)
+        time.sleep(0.01)
+    time.sleep(0.1)
+    return notes + peer.call("notes", key)
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
@@ -113,11 +116,7 @@ def test_notifications_arrive_after_the_write_and_not_for_refused_writes(backend
         refused = agent.write(peer, [0], [10_000], notify=b"never")
         with pytest.raises(kvxfer.TransferFailed):
             refused.wait(10)
-        deadline = time.monotonic() + 5
-        notes: list = []
-        while len(notes) < 2 and time.monotonic() < deadline:  # one-sided: sent after data
-            notes += peers.call("notes", spec.key)
-            time.sleep(0.02)
+        notes = wait_notes(peers, spec.key, 2)
     assert notes == [("local", b"req-42 done"), ("local", b"just a message")]
 
 
@@ -148,11 +147,7 @@ def test_requests_past_the_chunk_budget(backend, peer_process):
         agent.write(peer, local[:150], remote[:150], notify=b"big").wait(30)
     assert block_bytes(layout, local) == block_bytes(build_layout(spec, 1), remote)
     assert p.call("blocks", spec.key, remote[:150]) == block_bytes(layout, local[:150])
-    deadline = time.monotonic() + 5
-    notes: list = []
-    while not notes and time.monotonic() < deadline:
-        notes = p.call("notes", spec.key)
-    assert notes == [("local", b"big")]
+    assert wait_notes(p, spec.key, 1) == [("local", b"big")]
 
 
 def test_concurrent_requests_to_several_peers(backend, peers, peer_process):

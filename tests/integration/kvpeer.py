@@ -71,6 +71,24 @@ def block_bytes(layout: kvxfer.KVLayout, ids: list[int]) -> list[bytes]:
             for r in layout.regions]
 
 
+def local_agent(spec: Spec, seed: int = 2, name: str = "local",
+                **options: Any) -> tuple[kvxfer.Agent, kvxfer.KVLayout]:
+    """An Agent in this process with a registered layout for ``spec`` (filled by ``seed``)."""
+    layout = build_layout(spec, seed)
+    agent = kvxfer.Agent(name, **options)
+    agent.register_kv_cache(layout)
+    return agent, layout
+
+
+def random_ids(n: int, count: int, gen: torch.Generator) -> list[int]:
+    return torch.randperm(n, generator=gen)[:count].tolist()
+
+
+def snapshot(layout: kvxfer.KVLayout) -> list[bytes]:
+    """Every block of every region, for before/after comparisons."""
+    return block_bytes(layout, list(range(layout.num_blocks)))
+
+
 def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
               prefix: str = "peer") -> None:
     """Serve agents for ``specs`` until told to stop; answers commands on ``conn``.
