@@ -17,7 +17,9 @@ between hosts, CUDA IPC for device buffers)::
 
 - Every stream operation is posted at once (a payload of many block views is many
   posts) and then awaited by polling the requests' completion; the buffers are kept
-  referenced until UCX is done with them.
+  referenced until UCX is done with them. Shutting a channel down (a dead peer, a
+  handle's abort, close) closes its endpoint, which cancels posted receives, so no late
+  byte lands in KV memory.
 - Endpoints are created with error handling on, so a dead peer fails the pending
   requests (and fires the close callback): the channel raises PeerUnreachable and the
   connection's handles fail, instead of hanging. One endpoint per peer, reused.
@@ -108,7 +110,8 @@ class UcxChannel(Channel):
         self.conn = Connection()
         self._timeout: Optional[float] = None
         self._down: Optional[str] = None  # why the channel is unusable; set once
-        self._closed = False
+        self._closed = False  # the endpoint is closed
+        self._close_lock = threading.Lock()
         self._orphans: list[tuple[list, list]] = []  # requests abandoned mid-flight
         self._header = bytearray(HEADER_SIZE)
         ep.set_close_callback(self._on_close)
@@ -182,18 +185,22 @@ class UcxChannel(Channel):
         self._timeout = seconds
 
     def shutdown(self) -> None:
+        """Mark the channel down and close its endpoint, which cancels posted receives:
+        no byte of an abandoned transfer lands in KV memory afterwards."""
         if self._down is None:
             self._down = "closed by this side"
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
         try:
             self.ep.close_blocking(period=CLOSE_PERIOD_NS, max_attempts=1)
             self.ep.remove_close_callback()
         except Exception as exc:  # noqa: BLE001 - closing a dead endpoint may complain
             log.debug("closing a UCX endpoint: %s", exc)
+
+    def close(self) -> None:
+        self.shutdown()
 
 
 class UcxBackend(TwoSidedBackend):
@@ -237,6 +244,8 @@ class UcxBackend(TwoSidedBackend):
         return channel
 
     def _on_conn_request(self, conn_request: int) -> None:  # on UCX's progress thread
+        if self._closed:
+            return  # closing: the listener goes next, and the request with it
         try:
             ep = self._listener.create_endpoint_from_conn_request(conn_request, True)
             self.serve_channel(self._track(ep))

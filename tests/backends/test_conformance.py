@@ -188,6 +188,27 @@ def test_peer_killed_mid_transfer_fails_within_deadline(backend, peer_process):
             agent.read(peer, [0], [0]).wait(8)
 
 
+def test_stalled_peer_times_out_and_late_bytes_never_land(backend, peer_process):
+    if backend == "nixl":
+        pytest.skip("one-sided: a stopped peer's registered memory is still readable, so "
+                    "the read completes (the deadline is covered by the killed-peer test)")
+    p = peer_process([BIG])
+    agent, layout = local_agent(backend, BIG, transfer_timeout=0.5)
+    with agent:
+        peer = agent.add_peer(p.meta[BIG.key])
+        before = snapshot(layout)
+        os.kill(p.proc.pid, signal.SIGSTOP)
+        try:
+            h = agent.read(peer, list(range(0, 2048, 2)), list(range(1024)))
+            with pytest.raises(kvxfer.TransferTimeout):
+                h.wait()
+        finally:
+            os.kill(p.proc.pid, signal.SIGCONT)
+        time.sleep(0.5)  # the peer now answers the old request; its bytes must be dropped
+        assert snapshot(layout) == before
+        agent.read(peer, [4], [4], timeout=10).wait()  # and the connection still works
+
+
 def test_mismatched_layout_is_refused(backend, peers):
     agent, _ = local_agent(backend, Spec("nhd", "float16"))
     with agent:
