@@ -11,33 +11,17 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
-from typing import Optional, Protocol, Sequence
+from typing import Optional, Sequence
 
 from ..errors import PeerUnreachable
 from ..protocol import NEED_DATA, Connection, Event
-from .twosided import Channel
+from .twosided import Abandoned, Channel, Guard
 
 try:
     IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 except (ValueError, OSError, AttributeError):
     IOV_MAX = 512
 READ_SIZE = 64 << 10
-
-
-class Guard(Protocol):
-    data_lock: threading.Lock
-
-    @property
-    def active(self) -> bool: ...
-
-
-class Abandoned(Exception):
-    """The guarded transfer stopped being active during a send."""
-
-    def __init__(self, sent: int) -> None:
-        super().__init__(f"transfer abandoned after {sent} bytes of its frame were sent")
-        self.sent = sent
 
 
 def _guarded_sendmsg(sock: socket.socket, views: list[memoryview], guard: Optional[Guard],
@@ -73,17 +57,6 @@ def send_buffers(sock: socket.socket, buffers: Sequence[object],
                 sent = 0
 
 
-class _NoLock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-_NO_LOCK = _NoLock()
-
-
 class FrameReader:
     """Reads protocol events from a socket through a sans-I/O Connection."""
 
@@ -100,30 +73,16 @@ class FrameReader:
             n = self.sock.recv_into(self._buf)
             self.conn.receive_data(memoryview(self._buf)[:n] if n else b"")
 
-    def recv_payload(self, views: Sequence[memoryview], guard: Optional[Guard] = None) -> bool:
-        """Fill ``views`` (total = the frame's payload) in order.
-
-        Returns:
-            False if ``guard`` became inactive: the rest of the payload was drained and
-            no byte was written into ``views`` after that.
-        """
-        lock = guard.data_lock if guard is not None else _NO_LOCK
+    def recv_payload(self, views: Sequence[memoryview]) -> None:
+        """Fill ``views`` (total = the frame's payload) in order."""
         pending = []
-        with lock:
-            if guard is not None and not guard.active:
-                self.drain_payload()
-                return False
-            for v in views:
-                n = self.conn.take_payload_into(v)
-                if n < v.nbytes:
-                    pending.append(v[n:])
+        for v in views:
+            n = self.conn.take_payload_into(v)
+            if n < v.nbytes:
+                pending.append(v[n:])
         i = 0
         while i < len(pending):
-            with lock:
-                if guard is not None and not guard.active:
-                    self.drain_payload()
-                    return False
-                got = self.sock.recvmsg_into(pending[i:i + IOV_MAX])[0]
+            got = self.sock.recvmsg_into(pending[i:i + IOV_MAX])[0]
             if got == 0:
                 raise PeerUnreachable("peer closed the connection in the middle of a payload")
             self.conn.payload_received_elsewhere(got)
@@ -135,7 +94,6 @@ class FrameReader:
                 else:
                     pending[i] = v[got:]
                     got = 0
-        return True
 
     def drain_payload(self) -> None:
         """Read and discard the rest of the current payload."""
@@ -164,8 +122,8 @@ class SocketChannel(Channel):
         self.sock = sock
         self.reader = FrameReader(sock, Connection())
 
-    def send(self, buffers: Sequence[object]) -> None:
-        send_buffers(self.sock, buffers)
+    def send(self, buffers: Sequence[object], guard: Optional[Guard] = None) -> None:
+        send_buffers(self.sock, buffers, guard)
 
     def next_event(self) -> Event:
         return self.reader.next_event()

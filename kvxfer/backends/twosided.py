@@ -31,7 +31,7 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from typing import Optional, Sequence
+from typing import Optional, Protocol, Sequence
 
 import torch
 
@@ -47,6 +47,28 @@ from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 log = logging.getLogger("kvxfer.twosided")
 
 
+class Guard(Protocol):
+    """What a channel needs of a transfer to stop touching engine memory (a TransferHandle)."""
+
+    data_lock: threading.Lock
+
+    @property
+    def active(self) -> bool: ...
+
+
+class Abandoned(Exception):
+    """A guarded send found its transfer no longer active.
+
+    Attributes:
+        sent: bytes of the frame already sent (0: the frame can simply be skipped; more:
+            the peer holds half a frame and only a reset of the connection is safe).
+    """
+
+    def __init__(self, sent: int) -> None:
+        super().__init__(f"transfer abandoned after {sent} bytes of its frame were sent")
+        self.sent = sent
+
+
 class Channel(ABC):
     """An ordered, reliable stream of kvxfer frames to one peer (one transport connection).
 
@@ -55,8 +77,12 @@ class Channel(ABC):
     """
 
     @abstractmethod
-    def send(self, buffers: Sequence[object]) -> None:
-        """Send ``[header+body, *payload]`` as returned by ``Connection.send``."""
+    def send(self, buffers: Sequence[object], guard: Optional[Guard] = None) -> None:
+        """Send ``[header+body, *payload]`` as returned by ``Connection.send``.
+
+        With a ``guard``, every transport call that reads the buffers runs under
+        ``guard.data_lock`` and only while ``guard.active``; else it raises Abandoned.
+        """
 
     @abstractmethod
     def next_event(self) -> Event:
@@ -416,29 +442,40 @@ class _ClientSide(BackendPeer):
         try:
             while (item := self._next_chunk()) is not None:
                 handle, chunk, last = item
-                if handle.op == "read":
-                    assert chunk is not None
-                    frames = self.encoder.send(ReadRequest(handle.request_id, chunk.index,
-                                                           chunk.layers, chunk.remote_runs))
-                elif chunk is None:
-                    frames = self.encoder.send(Write(handle.request_id, 0, (), (), 0, True,
-                                                     handle.notify))
-                else:
-                    frames = self.encoder.send(
-                        Write(handle.request_id, chunk.index, chunk.layers, chunk.remote_runs,
-                              chunk.nbytes, last, handle.notify if last else b""),
-                        self._write_payload(chunk))
-                self.channel.send(frames)
+                try:
+                    self._send_chunk(handle, chunk, last)
+                except Abandoned as exc:
+                    if exc.sent:  # half a frame is out: only a reset keeps the peer safe
+                        raise
+                    self._take(handle.request_id, chunk.index if chunk else 0)
         except BaseException as exc:  # noqa: BLE001 - any failure ends this connection
             self.die(exc)
 
-    def _write_payload(self, chunk: Chunk) -> list:
-        if self.memory.staged:
-            tensor, view = self._send_staging.get(chunk.nbytes)
+    def _send_chunk(self, handle: TransferHandle, chunk: Optional[Chunk], last: bool) -> None:
+        """Send one chunk's frame; a write's payload is read from engine memory only
+        while the handle is active (so a failed or cancelled write stops reading it)."""
+        rid = handle.request_id
+        if handle.op == "read":
+            assert chunk is not None
+            self.channel.send(self.encoder.send(ReadRequest(rid, chunk.index, chunk.layers,
+                                                            chunk.remote_runs)))
+            return
+        if chunk is None:  # a notify-only write
+            self.channel.send(self.encoder.send(Write(rid, 0, (), (), 0, True, handle.notify)))
+            return
+        frame = Write(rid, chunk.index, chunk.layers, chunk.remote_runs, chunk.nbytes, last,
+                      handle.notify if last else b"")
+        if not self.memory.staged:
+            payload = self.memory.host_buffers(chunk.layers, chunk.local_runs)
+            self.channel.send(self.encoder.send(frame, payload), guard=handle)
+            return
+        tensor, view = self._send_staging.get(chunk.nbytes)
+        with handle.data_lock:
+            if not handle.active:
+                raise Abandoned(0)
             self.memory.pack_into(chunk.layers, chunk.local_runs, tensor)
             self._send_staging.ready()
-            return [view]
-        return self.memory.host_buffers(chunk.layers, chunk.local_runs)
+        self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard needed
 
     # ----------------------------------------------------------------- reading
     def _take(self, request_id: int, chunk: int) -> tuple[TransferHandle, Optional[Chunk]]:

@@ -52,7 +52,7 @@ from ..errors import PeerUnreachable
 from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
 from ..protocol.frames import HEADER
 from .base import BackendConfig, PeerInfo, parse_host_port
-from .twosided import Channel, TwoSidedBackend
+from .twosided import Abandoned, Channel, Guard, TwoSidedBackend
 
 log = logging.getLogger("kvxfer.ucx")
 
@@ -152,8 +152,14 @@ class UcxChannel(Channel):
         self._run(self.ep.stream_recv, buffers)
 
     # --------------------------------------------------------------- Channel
-    def send(self, buffers: Sequence[object]) -> None:
-        self._run(self.ep.stream_send, buffers)
+    def send(self, buffers: Sequence[object], guard: Optional[Guard] = None) -> None:
+        if guard is None:
+            self._run(self.ep.stream_send, buffers)
+            return
+        with guard.data_lock:  # UCX reads the buffers until the sends complete
+            if not guard.active:
+                raise Abandoned(0)
+            self._run(self.ep.stream_send, buffers)
 
     def next_event(self) -> Event:
         ev = self.conn.next_event()

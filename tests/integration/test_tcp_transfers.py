@@ -17,7 +17,8 @@ from kvxfer.backends.base import parse_host_port
 from kvxfer.protocol import (E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, Connection, Error, Hello,
                              ReadRequest, Write)
 
-from kvpeer import DTYPES, PeerProcess, Spec, block_bytes, build_layout
+from kvpeer import (DTYPES, PeerProcess, Spec, block_bytes, build_layout, local_agent, random_ids,
+                    snapshot)
 
 SPECS = [Spec(c, d) for c in ("nhd", "hnd", "flashinfer", "split", "mla") for d in DTYPES]
 BIG = Spec("nhd", "float32", num_blocks=2048)
@@ -28,21 +29,6 @@ def peers():
     p = PeerProcess(SPECS)
     yield p
     p.stop()
-
-
-def local_agent(spec: Spec, seed: int = 2, **options) -> tuple[kvxfer.Agent, kvxfer.KVLayout]:
-    layout = build_layout(spec, seed)
-    agent = kvxfer.Agent("local", **options)
-    agent.register_kv_cache(layout)
-    return agent, layout
-
-
-def random_ids(n: int, count: int, gen: torch.Generator) -> list[int]:
-    return torch.randperm(n, generator=gen)[:count].tolist()
-
-
-def snapshot(layout: kvxfer.KVLayout) -> list[bytes]:
-    return block_bytes(layout, list(range(layout.num_blocks)))
 
 
 @pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
@@ -220,6 +206,34 @@ def test_stalled_peer_times_out_and_late_bytes_never_land(peer_process):
         time.sleep(0.5)  # the peer now answers the old request; its bytes must be dropped
         assert snapshot(layout) == before
         agent.read(peer, [4], [4], timeout=10).wait()  # and the connection still works
+
+
+def test_write_to_a_stalled_peer_stops_reading_our_blocks_and_resets(peer_process):
+    huge = Spec("nhd", "float32", num_blocks=32768)  # 96 MiB: far more than socket buffers
+    p = peer_process([huge])
+    agent, _ = local_agent(huge, chunk_bytes=64 << 20, max_inflight=1, transfer_timeout=1)
+    with agent:
+        peer = agent.add_peer(p.meta[huge.key])
+        os.kill(p.proc.pid, signal.SIGSTOP)
+        try:
+            h = agent.write(peer, list(range(32768)), list(range(32768)), notify=b"never")
+            t0 = time.monotonic()
+            with pytest.raises(kvxfer.TransferTimeout):
+                h.wait()
+            assert time.monotonic() - t0 < 3
+            assert h.status == "failed"
+            # The sender was blocked inside sendmsg holding our blocks; the only safe
+            # way out is to reset the connection, after which nothing reads them.
+            deadline = time.monotonic() + 3
+            while peer.alive and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert not peer.alive
+        finally:
+            os.kill(p.proc.pid, signal.SIGCONT)
+        assert p.call("notes", huge.key) == []  # half a write is never announced
+        again = agent.add_peer(p.meta[huge.key])
+        agent.write(again, [3], [5], notify=b"after").wait(10)
+        assert p.call("notes", huge.key) == [("local", b"after")]
 
 
 def test_wait_timeout_shorter_than_deadline_does_not_fail_the_transfer(peer_process):
