@@ -32,6 +32,7 @@ executes may still complete, which a one-sided transport cannot prevent).
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import struct
@@ -41,7 +42,6 @@ from collections import deque
 from typing import Any, Optional
 
 import numpy as np
-from nixl_cu12._api import nixl_agent, nixl_agent_config
 
 from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreachable,
                       RemoteProtocolError)
@@ -55,6 +55,23 @@ log = logging.getLogger("kvxfer.nixl")
 NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
 IDLE_POLL = 0.002  # seconds between notification polls while nothing is in flight
 _LEN = struct.Struct("!I")
+# nixl-cu12 and nixl-cu13 ship the same API under their own names; the ``nixl`` meta
+# package re-exports whichever matches the machine's CUDA.
+NIXL_MODULES = ("nixl_cu12._api", "nixl._api", "nixl_cu13._api")
+
+
+def _import_nixl() -> Any:
+    errors = []
+    for name in NIXL_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            errors.append(f"{name}: {exc}")
+    raise ImportError("no NIXL Python API found (" + "; ".join(errors) + ")")
+
+
+_nixl = _import_nixl()
+nixl_agent, nixl_agent_config = _nixl.nixl_agent, _nixl.nixl_agent_config
 
 
 def _region_table(memory: RegisteredMemory) -> list[list[int]]:
