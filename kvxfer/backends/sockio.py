@@ -34,6 +34,20 @@ def _guarded_sendmsg(sock: socket.socket, views: list[memoryview], guard: Option
         return sock.sendmsg(views)
 
 
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """Consume ``n`` bytes from ``views[i:]`` (trimming a partly done view in place);
+    return the index of the first view with bytes left."""
+    while n:
+        v = views[i]
+        if n >= v.nbytes:
+            n -= v.nbytes
+            i += 1
+        else:
+            views[i] = v[n:]
+            n = 0
+    return i
+
+
 def send_buffers(sock: socket.socket, buffers: Sequence[object],
                  guard: Optional[Guard] = None) -> None:
     """Send every buffer in order.
@@ -47,14 +61,7 @@ def send_buffers(sock: socket.socket, buffers: Sequence[object],
     while i < len(views):
         sent = _guarded_sendmsg(sock, views[i:i + IOV_MAX], guard, total)
         total += sent
-        while sent:
-            v = views[i]
-            if sent >= v.nbytes:
-                sent -= v.nbytes
-                i += 1
-            else:
-                views[i] = v[sent:]
-                sent = 0
+        i = _advance(views, i, sent)
 
 
 class FrameReader:
@@ -86,14 +93,7 @@ class FrameReader:
             if got == 0:
                 raise PeerUnreachable("peer closed the connection in the middle of a payload")
             self.conn.payload_received_elsewhere(got)
-            while got:
-                v = pending[i]
-                if got >= v.nbytes:
-                    got -= v.nbytes
-                    i += 1
-                else:
-                    pending[i] = v[got:]
-                    got = 0
+            i = _advance(pending, i, got)
 
     def drain_payload(self) -> None:
         """Read and discard the rest of the current payload."""

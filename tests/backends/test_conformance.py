@@ -17,11 +17,10 @@ import torch
 
 import kvxfer
 
-from kvpeer import PeerProcess, Spec, block_bytes, build_layout, random_ids, snapshot
+from kvpeer import DTYPES, PeerProcess, Spec, block_bytes, build_layout, random_ids, snapshot
 from kvpeer import local_agent as _local_agent
 
-SPECS = [Spec(c, d) for c in ("nhd", "hnd", "flashinfer", "split", "mla")
-         for d in ("bfloat16", "float32")]
+SPECS = [Spec(c, d) for c in ("nhd", "hnd", "flashinfer", "split", "mla") for d in DTYPES]
 BIG = Spec("nhd", "float32", num_blocks=2048)
 _names = iter(range(1 << 30))
 
@@ -87,7 +86,7 @@ def test_non_contiguous_and_reversed_block_lists(backend, peers):
 
 
 def test_layer_subset_moves_only_those_layers(backend, peers):
-    spec = SPECS[2]
+    spec = Spec("hnd", "bfloat16")
     agent, layout = local_agent(backend, spec)
     with agent:
         before = snapshot(layout)
@@ -96,6 +95,8 @@ def test_layer_subset_moves_only_those_layers(backend, peers):
         h.wait_layer(0, timeout=10)
         h.wait(10)
         assert h.layers == (0, 2)
+        with pytest.raises(ValueError):
+            h.wait_layer(1)  # not part of this transfer
     theirs = peers.call("blocks", spec.key, [5, 6, 9])
     mine, after = block_bytes(layout, [1, 2, 3]), snapshot(layout)
     for r, region in enumerate(layout.regions):
@@ -106,7 +107,7 @@ def test_layer_subset_moves_only_those_layers(backend, peers):
 
 
 def test_notifications_arrive_after_the_write_and_not_for_refused_writes(backend, peers):
-    spec = SPECS[4]
+    spec = Spec("split", "bfloat16")
     agent, layout = local_agent(backend, spec)
     with agent:
         peer = agent.add_peer(peers.meta[spec.key])
@@ -126,8 +127,9 @@ def test_remote_block_out_of_range_fails_the_handle_and_touches_nothing(backend,
     with agent:
         before = snapshot(layout)
         peer = agent.add_peer(peers.meta[spec.key])
-        with pytest.raises(kvxfer.TransferFailed):
+        with pytest.raises(kvxfer.TransferFailed) as info:
             agent.read(peer, [3, 31, 32], [0, 1, 2]).wait(10)
+        assert "[31, 33)" in str(info.value.cause)  # the run past the peer's 32 blocks
         assert snapshot(layout) == before
         agent.read(peer, [3], [0]).wait(10)  # the connection is still good
         assert peer.alive
@@ -181,9 +183,11 @@ def test_peer_killed_mid_transfer_fails_within_deadline(backend, peer_process):
         assert not h.done(), "transfer finished before the peer was stopped; make it larger"
         os.kill(p.proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
-        with pytest.raises(kvxfer.TransferFailed):
+        with pytest.raises(kvxfer.TransferFailed) as info:
             h.wait()
         assert time.monotonic() - t0 < 8.5
+        assert isinstance(info.value.cause, (kvxfer.PeerUnreachable, kvxfer.TransferTimeout))
+        assert not peer.alive
         with pytest.raises(kvxfer.TransferFailed):
             agent.read(peer, [0], [0]).wait(8)
 
@@ -216,7 +220,7 @@ def test_mismatched_layout_is_refused(backend, peers):
             agent.add_peer(peers.meta[SPECS[0].key])  # nhd bfloat16
         assert info.value.field == "dtype"
         with pytest.raises(kvxfer.LayoutMismatch):
-            agent.add_peer(peers.meta[SPECS[2].key])  # hnd: another block order too
+            agent.add_peer(peers.meta[Spec("hnd", "bfloat16").key])  # hnd: another block order too
 
 
 def _threads_of(name: str) -> list[str]:

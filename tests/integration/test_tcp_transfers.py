@@ -17,10 +17,13 @@ from kvxfer.backends.base import parse_host_port
 from kvxfer.protocol import (E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, Connection, Error, Hello,
                              ReadRequest, Write)
 
-from kvpeer import (DTYPES, PeerProcess, Spec, block_bytes, build_layout, local_agent, random_ids,
-                    snapshot)
+from kvpeer import PeerProcess, Spec, block_bytes, build_layout, local_agent, random_ids
 
-SPECS = [Spec(c, d) for c in ("nhd", "hnd", "flashinfer", "split", "mla") for d in DTYPES]
+# Byte-exactness in every layout and dtype, notifications, layer subsets, killed and stalled
+# peers are in the backend conformance suite (tests/backends), which runs over TCP too.
+# This file keeps what is particular to the TCP backend and its wire protocol.
+SPECS = [Spec("nhd", "bfloat16"), Spec("hnd", "bfloat16"), Spec("nhd", "float16"),
+         Spec("mla", "bfloat16")]  # the first is the default; the rest differ from it
 BIG = Spec("nhd", "float32", num_blocks=2048)
 
 
@@ -29,69 +32,6 @@ def peers():
     p = PeerProcess(SPECS)
     yield p
     p.stop()
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
-def test_read_is_byte_exact_in_every_layout_and_dtype(peers, spec):
-    gen = torch.Generator().manual_seed(hash(spec.key) % 1000)
-    remote, local = random_ids(32, 12, gen), random_ids(32, 12, gen)
-    agent, layout = local_agent(spec)
-    with agent:
-        before = [r.view.clone() for r in layout.regions]
-        peer = agent.add_peer(peers.meta[spec.key])
-        agent.read(peer, remote, local).wait(10)
-    assert block_bytes(layout, local) == peers.call("blocks", spec.key, remote)
-    untouched = sorted(set(range(32)) - set(local))
-    for region, old in zip(layout.regions, before):
-        assert torch.equal(region.view[untouched].view(torch.uint8),
-                           old[untouched].view(torch.uint8))
-
-
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.key)
-def test_write_is_byte_exact_in_every_layout_and_dtype(peers, spec):
-    gen = torch.Generator().manual_seed(7 + hash(spec.key) % 1000)
-    local, remote = random_ids(32, 9, gen), random_ids(32, 9, gen)
-    agent, layout = local_agent(spec, seed=3)
-    with agent:
-        peer = agent.add_peer(peers.meta[spec.key])
-        agent.write(peer, local, remote).wait(10)
-    assert peers.call("blocks", spec.key, remote) == block_bytes(layout, local)
-
-
-def test_layer_subset_moves_only_those_layers(peers):
-    spec = SPECS[0]
-    agent, layout = local_agent(spec)
-    with agent:
-        before = snapshot(layout)
-        peer = agent.add_peer(peers.meta[spec.key])
-        h = agent.read(peer, [5, 6, 9], [1, 2, 3], layers=[2, 0])
-        h.wait_layer(0, timeout=10)
-        h.wait(10)
-        assert h.layers == (0, 2)
-        with pytest.raises(ValueError):
-            h.wait_layer(1)
-    theirs = peers.call("blocks", spec.key, [5, 6, 9])
-    mine = block_bytes(layout, [1, 2, 3])
-    after = snapshot(layout)
-    for r, region in enumerate(layout.regions):
-        if region.layer == 1:
-            assert after[r] == before[r]
-        else:
-            assert mine[r] == theirs[r]
-
-
-def test_notifications_arrive_after_the_write_and_not_for_refused_writes(peers):
-    spec = SPECS[1]
-    agent, layout = local_agent(spec)
-    with agent:
-        peer = agent.add_peer(peers.meta[spec.key])
-        agent.write(peer, [0, 1], [4, 5], notify=b"req-42 done").wait(10)
-        agent.write(peer, [], [], notify=b"just a message").wait(10)
-        refused = agent.write(peer, [0], [10_000], notify=b"never")
-        with pytest.raises(kvxfer.TransferFailed):
-            refused.wait(10)
-        notes = peers.call("notes", spec.key)
-    assert notes == [("local", b"req-42 done"), ("local", b"just a message")]
 
 
 def test_empty_block_lists_complete_at_once(peers):
@@ -104,8 +44,9 @@ def test_empty_block_lists_complete_at_once(peers):
         agent.write(peer, [], []).wait(0)
 
 
-@pytest.mark.parametrize("staged", [False, True], ids=["zero-copy", "staged"])
-def test_request_larger_than_chunk_budget(peer_process, staged):
+def test_staged_request_larger_than_chunk_budget(peer_process):
+    """Staged is the CUDA path (through pinned buffers), run here on host memory."""
+    staged = True
     spec = Spec("nhd", "bfloat16", num_blocks=256)
     p = peer_process([spec], staged=staged)
     gen = torch.Generator().manual_seed(5)
@@ -121,22 +62,6 @@ def test_request_larger_than_chunk_budget(peer_process, staged):
     assert block_bytes(layout, local) == block_bytes(build_layout(spec, 1), remote)
     assert p.call("blocks", spec.key, remote[:150]) == block_bytes(layout, local[:150])
     assert p.call("notes", spec.key) == [("local", b"big")]
-
-
-def test_remote_block_out_of_range_fails_the_handle_and_touches_nothing(peers):
-    spec = SPECS[0]
-    agent, layout = local_agent(spec)
-    with agent:
-        before = snapshot(layout)
-        peer = agent.add_peer(peers.meta[spec.key])
-        h = agent.read(peer, [3, 31, 32], [0, 1, 2])
-        with pytest.raises(kvxfer.TransferFailed) as info:
-            h.wait(10)
-        assert isinstance(info.value.cause, kvxfer.RemoteError)
-        assert info.value.cause.code == E_RANGE and "[31, 33)" in str(info.value.cause)
-        assert snapshot(layout) == before
-        agent.read(peer, [3], [0]).wait(10)  # the connection is still good
-        assert peer.alive
 
 
 def test_local_block_out_of_range_is_refused_before_sending(peers):
@@ -167,45 +92,6 @@ def test_mismatched_layout_is_refused_naming_the_field(peers, peer_process, thei
         with pytest.raises(kvxfer.LayoutMismatch) as info:
             agent.add_peer(source.meta[theirs.key])
         assert info.value.field == field
-
-
-def test_peer_killed_mid_transfer_fails_within_deadline(peer_process):
-    p = peer_process([BIG])
-    agent, layout = local_agent(BIG, chunk_bytes=4096, max_inflight=1, transfer_timeout=30)
-    with agent:
-        peer = agent.add_peer(p.meta[BIG.key])
-        h = agent.read(peer, list(range(2048)), list(range(2048)))
-        h.wait_layer(0, timeout=10)
-        os.kill(p.proc.pid, signal.SIGSTOP)
-        assert not h.done(), "transfer finished before the peer was stopped; make it larger"
-        os.kill(p.proc.pid, signal.SIGKILL)
-        t0 = time.monotonic()
-        with pytest.raises(kvxfer.TransferFailed) as info:
-            h.wait()
-        assert time.monotonic() - t0 < 5
-        assert isinstance(info.value.cause, kvxfer.PeerUnreachable)
-        assert not peer.alive
-        with pytest.raises(kvxfer.TransferFailed):
-            agent.read(peer, [0], [0]).wait(5)
-
-
-def test_stalled_peer_times_out_and_late_bytes_never_land(peer_process):
-    p = peer_process([BIG])
-    agent, layout = local_agent(BIG, transfer_timeout=0.5)
-    with agent:
-        peer = agent.add_peer(p.meta[BIG.key])
-        before = snapshot(layout)
-        os.kill(p.proc.pid, signal.SIGSTOP)
-        try:
-            h = agent.read(peer, list(range(0, 2048, 2)), list(range(1024)))
-            with pytest.raises(kvxfer.TransferTimeout):
-                h.wait()
-            assert h.status == "failed"
-        finally:
-            os.kill(p.proc.pid, signal.SIGCONT)
-        time.sleep(0.5)  # the peer now answers the old request; its bytes must be dropped
-        assert snapshot(layout) == before
-        agent.read(peer, [4], [4], timeout=10).wait()  # and the connection still works
 
 
 def test_write_to_a_stalled_peer_stops_reading_our_blocks_and_resets(peer_process):
