@@ -23,9 +23,10 @@ between hosts, CUDA IPC for device buffers)::
 - Endpoints are created with error handling on, so a dead peer fails the pending
   requests (and fires the close callback): the channel raises PeerUnreachable and the
   connection's handles fail, instead of hanging. One endpoint per peer, reused.
-  The price, with the UCX 1.21 ucxx-cu12 ships: error handling rules out its shared
-  memory transports, so two processes on one host talk over TCP loopback
-  (benchmarks/RESULTS.md has the figures).
+  UCX's shared-memory transports (sysv, posix) do not offer error handling unless told
+  to (``MM_ERROR_HANDLING=y``), and without them two processes on one host talk over
+  TCP loopback; we turn it on (a killed peer is still caught: the conformance suite's
+  killed-peer test runs over it). benchmarks/RESULTS.md has the figures.
 - UCX_TLS: host memory uses ``HOST_TLS`` (no CUDA transports), CUDA memory ``CUDA_TLS``
   (all, for cuda_copy / cuda_ipc / gdr_copy); a UCX_TLS in the environment wins.
   CUDA memory is packed into a device staging buffer that UCX moves with cuda_copy /
@@ -86,7 +87,7 @@ def ucx_options(host_memory: bool) -> dict[str, str]:
         UCX options without the ``UCX_`` prefix, for ``UCXContext(config_dict=...)``.
     """
     options = {**UCXX_TUNING, "TLS": HOST_TLS if host_memory else CUDA_TLS,
-               "WARN_UNUSED_ENV_VARS": "n"}
+               "MM_ERROR_HANDLING": "y", "WARN_UNUSED_ENV_VARS": "n"}
     return {k: v for k, v in options.items() if f"UCX_{k}" not in os.environ}
 
 
