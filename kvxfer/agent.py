@@ -75,6 +75,11 @@ class Agent:
         transfer_timeout: default deadline of a transfer, in seconds.
         connect_timeout: seconds to reach a peer.
         staged: move host memory through staging buffers as CUDA memory is.
+        max_unread_notify_bytes: bound on the messages of incoming writes that
+            :meth:`notifications` has not yet returned. Past it, a write that carries a
+            notify fails on the writer's side (tcp, ucx: RemoteError E_BACKLOG, the
+            message not delivered) or its message waits inside the backend (nixl, whose
+            writer has finished by then) until this side reads its notifications.
 
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
@@ -84,9 +89,12 @@ class Agent:
     def __init__(self, name: str, backend: str = "tcp", listen: str = "127.0.0.1:0", *,
                  chunk_bytes: int = 4 << 20, max_inflight: int = 4,
                  transfer_timeout: float = 30.0, connect_timeout: float = 10.0,
-                 staged: bool = False) -> None:
+                 staged: bool = False, max_unread_notify_bytes: int = 64 << 20) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("an agent needs a non-empty name")
+        if max_unread_notify_bytes < MAX_NOTIFY:
+            raise ValueError(f"max_unread_notify_bytes must be at least one notify "
+                             f"({MAX_NOTIFY}), got {max_unread_notify_bytes}")
         if transfer_timeout <= 0:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
@@ -101,6 +109,8 @@ class Agent:
         self._memory: RegisteredMemory | None = None
         self._peers: dict[str, Peer] = {}
         self._notes: list[tuple[str, bytes]] = []
+        self._notes_bytes = 0
+        self.max_unread_notify_bytes = max_unread_notify_bytes
         self._pending: set[TransferHandle] = set()
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -288,14 +298,18 @@ class Agent:
             self._pending.discard(handle)
 
     # --------------------------------------------------------- notifications
-    def _on_notify(self, peer: str, message: bytes) -> None:
+    def _on_notify(self, peer: str, message: bytes) -> bool:
         with self._lock:
+            if self._notes_bytes + len(message) > self.max_unread_notify_bytes:
+                return False
             self._notes.append((peer, message))
+            self._notes_bytes += len(message)
+            return True
 
     def notifications(self) -> list[tuple[str, bytes]]:
         """Messages of completed incoming writes since the last call: (peer name, bytes)."""
         with self._lock:
-            notes, self._notes = self._notes, []
+            notes, self._notes, self._notes_bytes = self._notes, [], 0
         return notes
 
     def __repr__(self) -> str:

@@ -59,6 +59,8 @@ def test_agent_misuse_is_refused_clearly():
             a.write(peer, [0], [0], notify=b"x" * (65 << 10))
     with pytest.raises(kvxfer.AgentClosed):
         a.metadata()
+    with pytest.raises(ValueError, match="at least one notify"):
+        kvxfer.Agent("tiny", max_unread_notify_bytes=1000)
 
 
 def test_unreachable_peer_and_bad_listen_address():

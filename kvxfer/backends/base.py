@@ -25,7 +25,9 @@ from ..handle import TransferHandle
 from ..layout import LayoutDescriptor
 from ..memory import RegisteredMemory
 
-NotifySink = Callable[[str, bytes], None]  # (peer name, message) of a completed incoming write
+# (peer name, message) of a completed incoming write -> False when the receiver's unread
+# notifications are full (the message was not taken: refuse the write, or hold it).
+NotifySink = Callable[[str, bytes], bool]
 
 
 @dataclass(frozen=True, slots=True)

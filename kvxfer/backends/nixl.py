@@ -22,7 +22,9 @@ not involved.
 One owned poll thread posts chunks (at most ``max_inflight`` per peer, round-robin
 across requests), polls ``check_xfer_state``, and reads NIXL notifications: a write's
 ``notify`` is sent with ``send_notif`` once every chunk of it completed (after the
-data, on the same UCX endpoint) and handed to the peer's notify sink there. An ``ERR``
+data, on the same UCX endpoint) and handed to the peer's notify sink there (when the
+sink refuses, its unread backlog full, the message is held and NIXL's queue is left
+undrained until the engine reads its notifications: nothing is dropped). An ``ERR``
 state fails the handle and marks the peer dead; a peer that just goes silent is caught
 by the Agent's deadline watchdog. A remote block id past the peer's ``num_blocks`` is
 refused before anything is posted. When a handle fails or is cancelled its in-flight
@@ -127,6 +129,9 @@ class NixlBackend(Backend):
         self._agent: Any = None
         self._memory: Optional[RegisteredMemory] = None
         self._notify: Optional[NotifySink] = None
+        # Notifications the agent refused (its unread backlog is full), oldest first;
+        # poll thread only. While any wait, the rest stay queued inside NIXL.
+        self._held: deque[tuple[str, bytes]] = deque()
         self._mem_type = "DRAM"
         self._device = 0
         self._reg: Any = None  # registered descriptor list, None once deregistered
@@ -291,6 +296,7 @@ class NixlBackend(Backend):
                 events = self._step()
             for fn, *args in events:
                 fn(*args)
+            self._deliver_notifications()
             if busy:
                 time.sleep(0)
 
@@ -304,11 +310,17 @@ class NixlBackend(Backend):
                 except Exception as exc:  # noqa: BLE001 - NIXL errors end the peer
                     err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed: {exc}")
                     events.append((self._fail_all, self._kill(peer, err)))
-        for nixl_name, messages in self._agent.get_new_notifs().items():
-            for msg in messages:
-                if msg.startswith(NOTIFY_PREFIX) and self._notify is not None:
-                    events.append((self._notify, nixl_name, bytes(msg[len(NOTIFY_PREFIX):])))
+        if not self._held:
+            for nixl_name, messages in self._agent.get_new_notifs().items():
+                for msg in messages:
+                    if msg.startswith(NOTIFY_PREFIX):
+                        self._held.append((nixl_name, bytes(msg[len(NOTIFY_PREFIX):])))
         return events
+
+    def _deliver_notifications(self) -> None:
+        """Hand held notifications to the agent in order until it refuses one."""
+        while self._held and self._notify is not None and self._notify(*self._held[0]):
+            self._held.popleft()
 
     def _progress(self, peer: _NixlPeer, events: list[tuple]) -> None:
         still = []

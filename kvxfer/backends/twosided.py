@@ -40,7 +40,7 @@ from ..errors import (AgentClosed, BlockOutOfRange, KvxferError, LayoutMismatch,
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
 from ..plan import Chunk
-from ..protocol import (CLOSED, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, Close, Completion,
+from ..protocol import (CLOSED, E_BACKLOG, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, Close, Completion,
                         Connection, Data, Error, Event, Hello, ReadRequest, Write)
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 
@@ -346,8 +346,12 @@ class _ServerSide:
         if w.last:
             refused = w.request_id in self.failed_requests
             self.failed_requests.discard(w.request_id)
-            if w.notify and not refused and self.backend._notify is not None:
-                self.backend._notify(self.peer, w.notify)
+            if w.notify and not refused and self.backend._notify is not None \
+                    and not self.backend._notify(self.peer, w.notify):
+                self.send(Error(w.request_id, w.chunk, E_BACKLOG,
+                                "the receiver's unread notifications are full; the notify "
+                                "was not delivered (it must call notifications())"))
+                return
         self.send(Completion(w.request_id, w.chunk))
 
 

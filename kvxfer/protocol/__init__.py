@@ -1,12 +1,12 @@
 """The kvxfer wire protocol, free of I/O: frames <-> bytes. See frames.py for the layout."""
 
 from .connection import CLOSED, NEED_DATA, Connection, Event, PayloadData
-from .frames import (E_CLOSING, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, HEADER_SIZE,
+from .frames import (E_BACKLOG, E_CLOSING, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, HEADER_SIZE,
                      MAGIC, VERSION, Close, Completion, Data, Error, Frame, Hello, ReadRequest,
                      Write)
 
 __all__ = [
-    "CLOSED", "Close", "Completion", "Connection", "Data", "E_CLOSING", "E_INTERNAL",
+    "CLOSED", "Close", "Completion", "Connection", "Data", "E_BACKLOG", "E_CLOSING", "E_INTERNAL",
     "E_LAYOUT", "E_PROTOCOL", "E_RANGE", "E_SIZE", "Error", "Event", "Frame", "HEADER_SIZE", "Hello",
     "MAGIC", "NEED_DATA", "PayloadData", "ReadRequest", "VERSION", "Write",
 ]

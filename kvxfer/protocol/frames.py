@@ -46,7 +46,8 @@ T_HELLO, T_READ, T_WRITE, T_DATA, T_COMPLETION, T_ERROR, T_CLOSE = range(1, 8)
 FLAG_LAST = 0x1  # WRITE: the request's last chunk; its notify is delivered after it lands
 
 # Error codes carried by ERROR frames.
-E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING = range(1, 7)
+E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING, E_BACKLOG = range(1, 8)
+# E_BACKLOG: a write's notify was refused: the receiver's unread notifications are full.
 
 _REQ = struct.Struct("!QI")
 _XFER = struct.Struct("!QIHI")

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import kvxfer
+from kvxfer.protocol import E_BACKLOG
 
 from kvpeer import DTYPES, PeerProcess, Spec, block_bytes, build_layout, random_ids, snapshot
 from kvpeer import local_agent as _local_agent
@@ -119,6 +120,35 @@ def test_notifications_arrive_after_the_write_and_not_for_refused_writes(backend
             refused.wait(10)
         notes = wait_notes(peers, spec.key, 2)
     assert notes == [("local", b"req-42 done"), ("local", b"just a message")]
+
+
+def test_a_full_notification_backlog_loses_no_message(backend, peer_process):
+    """The receiver bounds its unread notifications (64 KiB here). A write whose notify
+    does not fit fails on the writer's side (two-sided backends) or its message waits
+    in NIXL (one-sided: that writer already finished); no message is ever dropped."""
+    spec = SPECS[0]
+    p = peer_process([spec], max_unread_notify_bytes=64 << 10)
+    agent, layout = local_agent(backend, spec)
+    first, second, third = (bytes([i]) * 40_000 for i in (1, 2, 3))
+    with agent:
+        peer = agent.add_peer(p.meta[spec.key])
+        agent.write(peer, [0], [4], notify=first).wait(10)
+        second_write = agent.write(peer, [1], [5], notify=second)
+        if backend == "nixl":
+            second_write.wait(10)
+        else:
+            with pytest.raises(kvxfer.TransferFailed) as info:
+                second_write.wait(10)
+            assert isinstance(info.value.cause, kvxfer.RemoteError)
+            assert info.value.cause.code == E_BACKLOG
+            assert peer.alive  # a refusal, not a broken connection
+        time.sleep(0.2)  # a held message must not come in early
+        assert p.call("notes", spec.key) == [("local", first)]
+        notes = wait_notes(p, spec.key, 1 if backend == "nixl" else 0)
+        assert notes == ([("local", second)] if backend == "nixl" else [])
+        agent.write(peer, [2], [6], notify=third).wait(10)  # room again
+        assert wait_notes(p, spec.key, 1) == [("local", third)]
+        assert p.call("blocks", spec.key, [4, 6]) == block_bytes(layout, [0, 2])
 
 
 def test_remote_block_out_of_range_fails_the_handle_and_touches_nothing(backend, peers):
