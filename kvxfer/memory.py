@@ -115,6 +115,8 @@ class RegisteredMemory:
         """Copy the chunk into the contiguous uint8 tensor ``out`` (its first bytes)."""
         from .packing import pack, packed_nbytes
 
+        if not runs:  # a write of no blocks (a notify alone) packs nothing
+            return
         ids = self._block_ids(runs)
         n = packed_nbytes(self.layout, len(ids), layers)
         pack(self.layout, ids, layers, out=out[:n])
@@ -125,6 +127,8 @@ class RegisteredMemory:
         """Scatter the contiguous uint8 tensor ``src`` into the chunk's blocks."""
         from .packing import packed_nbytes, unpack
 
+        if not runs:
+            return
         ids = self._block_ids(runs)
         n = packed_nbytes(self.layout, len(ids), layers)
         unpack(self.layout, ids, layers, src[:n])

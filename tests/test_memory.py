@@ -59,6 +59,17 @@ def test_unpack_round_trip():
     assert torch.equal(out, src)
 
 
+def test_a_chunk_of_no_blocks_packs_and_unpacks_nothing():
+    lay = layout()
+    before = [r.view.clone() for r in lay.regions]
+    mem = RegisteredMemory(lay, staged=True)
+    assert mem.check((0, 1), ()) == 0
+    empty = torch.empty(0, dtype=torch.uint8)
+    mem.pack_into((0, 1), (), empty)  # a notify-only write on the staged (CUDA) path
+    mem.unpack_from((0, 1), (), empty)
+    assert all(torch.equal(r.view, b) for r, b in zip(lay.regions, before))
+
+
 def test_peer_descriptor_checks():
     mem = RegisteredMemory(layout())
     mem.check_peer(layout().descriptor.to_bytes())

@@ -59,9 +59,10 @@ def test_staged_request_larger_than_chunk_budget(peer_process):
         h.wait(30)
         w = agent.write(peer, local[:150], remote[:150], notify=b"big")
         w.wait(30)
+        agent.write(peer, [], [], notify=b"no blocks").wait(10)
     assert block_bytes(layout, local) == block_bytes(build_layout(spec, 1), remote)
     assert p.call("blocks", spec.key, remote[:150]) == block_bytes(layout, local[:150])
-    assert p.call("notes", spec.key) == [("local", b"big")]
+    assert p.call("notes", spec.key) == [("local", b"big"), ("local", b"no blocks")]
 
 
 def test_local_block_out_of_range_is_refused_before_sending(peers):
