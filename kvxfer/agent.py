@@ -169,7 +169,7 @@ class Agent:
             if self._layout is not None:
                 raise KvxferError(f"agent {self.name!r} already has a KV cache registered")
             self._layout = layout
-            self._memory = RegisteredMemory(layout, staged=self.config.staged)
+            self._memory = RegisteredMemory(layout, staged=self.backend.config.staged)
         self.backend.start(self._memory, self._on_notify)
 
     @property

@@ -1,4 +1,4 @@
-"""UCX backend (ucxx): kvxfer's frames over UCX stream endpoints.
+"""UCX backend (ucxx): kvxfer's frames on UCX streams, each chunk one tagged message.
 
 Theory of operation
 -------------------
@@ -6,20 +6,26 @@ ucxx's Python API offers tag, stream and active messages but no RMA (no memory
 mapping, rkeys, put or get), so this backend is two-sided like TCP and shares its
 machinery (:mod:`kvxfer.backends.twosided`): a UCX endpoint carries the same frames a
 TCP socket does, and UCX picks the path between the two processes (RDMA or TCP
-between hosts, CUDA IPC for device buffers)::
+between hosts, shared memory on one, CUDA IPC for device buffers)::
 
     this process                                           peer process
     UCXWorker + progress thread (owned, stopped on close)  UCXWorker + progress thread
-    _ClientSide send/read threads --endpoint (stream)----> listener -> _ServerSide thread
-        frame = stream_send(header+body), stream_send(payload view) ...
-        reader: stream_recv(20-byte header) -> stream_recv(body) -> payload straight
-                into the KV blocks' views (or a staging buffer for CUDA)
+    _ClientSide send/read threads --endpoint-------------> listener -> _ServerSide thread
+        first on each stream: the 4-byte key the peer must tag our payloads with
+        frame   = stream_send(header+body) + tag_send(chunk, key << 32 | n)
+        reader: stream_recv(20-byte header) -> stream_recv(body)
+                -> tag_recv(staging buffer, key << 32 | n) -> unpack into the blocks
 
-- Every stream operation is posted at once (a payload of many block views is many
-  posts) and then awaited by polling the requests' completion; the buffers are kept
+- Every chunk is staged (packed into one contiguous buffer, unpacked on arrival; one
+  memcpy per block run for host memory, the packing kernel for CUDA) and sent as one
+  tagged message, so UCX can use rendezvous (zero-copy RDMA or cma get, CUDA IPC)
+  instead of the stream API's eager copies. Tags are matched per worker, not per
+  endpoint: each channel's key is unique on its worker, and payloads are numbered per
+  direction, so two peers' chunks never meet.
+- Operations are posted at once and awaited by polling their completion; buffers stay
   referenced until UCX is done with them. Shutting a channel down (a dead peer, a
-  handle's abort, close) closes its endpoint, which cancels posted receives, so no late
-  byte lands in KV memory.
+  handle's abort, close) closes its endpoint, cancelling posted receives; a payload
+  can only ever land in a staging buffer, never straight in KV memory.
 - Endpoints are created with error handling on, so a dead peer fails the pending
   requests (and fires the close callback): the channel raises PeerUnreachable and the
   connection's handles fail, instead of hanging. One endpoint per peer, reused.
@@ -37,8 +43,11 @@ between hosts, CUDA IPC for device buffers)::
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import logging
 import os
+import struct
 import threading
 import time
 from typing import Any, Optional, Sequence
@@ -73,7 +82,7 @@ for _key in [k for k in os.environ if k.startswith("UCX_") and _ENV_BEFORE.get(k
         os.environ[_key] = _ENV_BEFORE[_key]
     else:
         del os.environ[_key]
-DRAIN_BYTES = 1 << 20
+_KEY = struct.Struct("!I")  # a channel's payload-tag key, first on each side's stream
 CLOSE_PERIOD_NS = 1_000_000_000  # wait at most 1 s for an endpoint to close
 
 
@@ -104,11 +113,28 @@ def _nbytes(buf: object) -> int:
 
 
 class UcxChannel(Channel):
-    """One UCX endpoint as a frame channel; every call polls its requests to completion."""
+    """One UCX endpoint as a frame channel; every call polls its requests to completion.
 
-    def __init__(self, ep: Any) -> None:
+    Frames (header and body) travel on the endpoint's stream; a frame's payload, one
+    staged buffer, travels as one tagged message so that UCX can move it zero-copy
+    (rendezvous: RDMA or cma get, CUDA IPC). Tags are matched per worker, not per
+    endpoint, so each side picks a key unique on its own worker and tells the peer
+    first thing on the stream; the peer tags the n-th payload it sends us
+    ``key << 32 | n``.
+
+    Args:
+        ep: a connected ucxx endpoint (error handling on).
+        recv_key: this side's key, unique among the worker's channels (< 2**32).
+    """
+
+    def __init__(self, ep: Any, recv_key: int) -> None:
         self.ep = ep
         self.conn = Connection()
+        self._recv_key = recv_key
+        self._send_key: Optional[int] = None  # the peer's key, once its first bytes came
+        self._key_lock = threading.Lock()
+        self._send_seq = 0  # payloads sent (sender thread only)
+        self._recv_seq = 0  # payloads received (reader thread only)
         self._timeout: Optional[float] = None
         self._down: Optional[str] = None  # why the channel is unusable; set once
         self._closed = False  # the endpoint is closed
@@ -124,11 +150,16 @@ class UcxChannel(Channel):
     # ---------------------------------------------------------------- waiting
     def _run(self, post: Any, buffers: Sequence[object]) -> None:
         """Post one stream operation per buffer, then wait for all of them."""
+        self._run_posts([(post, b) for b in buffers])
+
+    def _run_posts(self, posts: Sequence[tuple[Any, object]]) -> None:
+        """Post ``post(buffer)`` for each pair (empty buffers skipped), then wait for all."""
         if self._down is not None:
             raise PeerUnreachable(f"UCX channel is down: {self._down}")
-        arrays = [_array(b) for b in buffers if _nbytes(b)]
+        posts = [(post, _array(b)) for post, b in posts if _nbytes(b)]
+        arrays = [a for _, a in posts]
         try:
-            requests = [post(a) for a in arrays]
+            requests = [post(a) for post, a in posts]
         except Exception as exc:  # noqa: BLE001 - any ucxx failure ends the channel
             self._down = self._down or str(exc)
             raise PeerUnreachable(f"UCX post failed: {exc}") from exc
@@ -152,17 +183,48 @@ class UcxChannel(Channel):
     def _recv_exact(self, buffers: Sequence[object]) -> None:
         self._run(self.ep.stream_recv, buffers)
 
+    def _peer_key(self) -> int:
+        """Exchange keys on first use: ours goes out, the peer's is the first 4 bytes in."""
+        with self._key_lock:
+            if self._send_key is None:
+                self._run(self.ep.stream_send, [_KEY.pack(self._recv_key)])
+                got = bytearray(_KEY.size)
+                self._recv_exact([got])
+                self._send_key = _KEY.unpack(got)[0]
+            return self._send_key
+
+    def _tag(self, key: int, seq: int) -> Any:
+        return ucx.UCXXTag((key << 32) | (seq & 0xFFFFFFFF))
+
+    def _send_frame(self, buffers: Sequence[object]) -> None:
+        key = self._peer_key()
+        head, payload = buffers[0], [b for b in buffers[1:] if _nbytes(b)]
+        if len(payload) > 1:
+            raise ValueError("the UCX channel carries a payload as one staged buffer")
+        posts: list[tuple[Any, object]] = [(self.ep.stream_send, head)]
+        if payload:
+            tag = self._tag(key, self._send_seq)
+            self._send_seq += 1
+            posts.append((lambda a: self.ep.tag_send(a, tag), payload[0]))
+        self._run_posts(posts)
+
+    def _recv_tagged(self, buffer: object) -> None:
+        tag = self._tag(self._recv_key, self._recv_seq)
+        self._recv_seq += 1
+        self._run_posts([(lambda a: self.ep.tag_recv(a, tag), buffer)])
+
     # --------------------------------------------------------------- Channel
     def send(self, buffers: Sequence[object], guard: Optional[Guard] = None) -> None:
         if guard is None:
-            self._run(self.ep.stream_send, buffers)
+            self._send_frame(buffers)
             return
         with guard.data_lock:  # UCX reads the buffers until the sends complete
             if not guard.active:
                 raise Abandoned(0)
-            self._run(self.ep.stream_send, buffers)
+            self._send_frame(buffers)
 
     def next_event(self) -> Event:
+        self._peer_key()
         ev = self.conn.next_event()
         if ev is not NEED_DATA:
             return ev
@@ -177,15 +239,19 @@ class UcxChannel(Channel):
         return ev
 
     def recv_payload(self, buffers: Sequence[object]) -> None:
-        total = sum(_nbytes(b) for b in buffers)
-        self._recv_exact(buffers)
-        self.conn.payload_received_elsewhere(total)
+        buffers = [b for b in buffers if _nbytes(b)]
+        if not buffers and not self.conn.payload_remaining:
+            return
+        if len(buffers) != 1 or _nbytes(buffers[0]) != self.conn.payload_remaining:
+            raise ValueError("the UCX channel receives a payload into one staged buffer "
+                             "of the payload's size")
+        self._recv_tagged(buffers[0])
+        self.conn.payload_received_elsewhere(_nbytes(buffers[0]))
 
     def drain_payload(self) -> None:
-        scratch = bytearray(min(DRAIN_BYTES, self.conn.payload_remaining))
-        while self.conn.payload_remaining:
-            n = min(len(scratch), self.conn.payload_remaining)
-            self._recv_exact([memoryview(scratch)[:n]])
+        n = self.conn.payload_remaining
+        if n:
+            self._recv_tagged(bytearray(n))  # a tagged message must be taken whole
             self.conn.payload_received_elsewhere(n)
 
     def set_timeout(self, seconds: Optional[float]) -> None:
@@ -216,11 +282,13 @@ class UcxBackend(TwoSidedBackend):
     name = "ucx"
 
     def __init__(self, agent_name: str, listen: str, config: BackendConfig) -> None:
-        super().__init__(agent_name, listen, config)
+        # Every chunk is packed into one buffer, which UCX moves as one tagged message.
+        super().__init__(agent_name, listen, dataclasses.replace(config, staged=True))
         self._host, self._port = parse_host_port(listen)
         self._worker: Any = None
         self._listener: Any = None
         self._channels: list[UcxChannel] = []  # every channel, closed before the worker stops
+        self._keys = itertools.count(1)  # payload-tag keys of this worker's channels
 
     def address(self) -> str:
         if self._listener is None:
@@ -235,7 +303,8 @@ class UcxBackend(TwoSidedBackend):
             self.staging_device = memory.layout.device  # UCX moves device buffers itself
         try:
             context = ucx.UCXContext(config_dict=ucx_options(memory.is_host),
-                                     feature_flags=(ucx.Feature.STREAM, ucx.Feature.WAKEUP))
+                                     feature_flags=(ucx.Feature.STREAM, ucx.Feature.TAG,
+                                                    ucx.Feature.WAKEUP))
             self._worker = ucx.UCXWorker(context)
             self._worker.start_progress_thread(polling_mode=False, epoll_timeout=10)
             self._listener = ucx.UCXListener.create(self._worker, self._port,
@@ -245,7 +314,7 @@ class UcxBackend(TwoSidedBackend):
             raise PeerUnreachable(f"UCX cannot listen on {self.listen!r}: {exc}") from exc
 
     def _track(self, ep: Any) -> UcxChannel:
-        channel = UcxChannel(ep)
+        channel = UcxChannel(ep, next(self._keys))
         with self._lock:
             self._channels.append(channel)
         return channel

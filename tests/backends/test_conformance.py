@@ -202,6 +202,29 @@ def test_concurrent_requests_to_several_peers(backend, peers, peer_process):
                 block_bytes(layout, [28, 29, 30, 31])
 
 
+def test_several_agents_write_to_one_peer_at_once(backend, peer_process):
+    """One receiver, two writers, many chunks each in flight: no payload goes astray
+    (UCX matches payload tags per worker, not per connection)."""
+    spec = Spec("nhd", "float32", num_blocks=256)
+    p = peer_process([spec])
+    one, layout_one = local_agent(backend, spec, seed=11, name="writer-1",
+                                  chunk_bytes=8 << 10, max_inflight=4)
+    two, layout_two = local_agent(backend, spec, seed=12, name="writer-2",
+                                  chunk_bytes=8 << 10, max_inflight=4)
+    with one, two:
+        to_one, to_two = one.add_peer(p.meta[spec.key]), two.add_peer(p.meta[spec.key])
+        handles = [one.write(to_one, list(range(0, 128)), list(range(0, 256, 2))),
+                   two.write(to_two, list(range(128, 256)), list(range(1, 256, 2))),
+                   one.read(to_one, list(range(1, 256, 2)), list(range(128, 256))),
+                   two.read(to_two, list(range(0, 256, 2)), list(range(0, 128)))]
+        for h in handles:
+            h.wait(30)
+    assert p.call("blocks", spec.key, list(range(0, 256, 2))) == \
+        block_bytes(layout_one, list(range(0, 128)))
+    assert p.call("blocks", spec.key, list(range(1, 256, 2))) == \
+        block_bytes(layout_two, list(range(128, 256)))
+
+
 def test_peer_killed_mid_transfer_fails_within_deadline(backend, peer_process):
     p = peer_process([BIG])
     agent, _ = local_agent(backend, BIG, chunk_bytes=4096, max_inflight=1, transfer_timeout=8)

@@ -1,4 +1,4 @@
-"""On one host the UCX backend moves frames through shared memory, error handling on.
+"""On one host the UCX backend moves frames and payloads through shared memory.
 
 UCX leaves its shared-memory transports out of endpoints that ask for error handling
 unless MM_ERROR_HANDLING is set; without them two processes on one host fall back to
@@ -28,15 +28,20 @@ def test_stream_lanes_between_two_agents_on_one_host_use_shared_memory():
     assert out.returncode == 0, out.stderr
     text = out.stdout + out.stderr
     assert "moved True" in text
-    # A config header names the context; the lines after it name the transport per size.
-    transports: dict[str, set[str]] = {}
-    context = None
+    # A config header names the context and operation; the lines after it name the
+    # transport per message size. Frames go by stream, payloads as tagged messages.
+    transports: dict[tuple[str, str], set[str]] = {}
+    key = None
     for line in text.splitlines():
         if "cfg#" in line:  # a table per (context, config, operation)
-            m = re.search(r"(ucp_context_\d+) \S+ cfg#\d+ \| stream message", line)
-            context = m.group(1) if m else None
-        elif context and (m := re.search(r"\| (\w+)/(\w+) \|\s*$", line)):
-            transports.setdefault(context, set()).add(m.group(1))
-    assert len(transports) == 2, text[-3000:]  # both agents' contexts sent frames
-    for context, seen in transports.items():
-        assert seen & {"sysv", "posix"}, f"{context} streams only over {seen}"
+            m = re.search(r"(ucp_context_\d+) \S+ cfg#\d+ \| (stream|tagged) message by "
+                          r"ucp_\w+\* from", line)
+            key = (m.group(1), m.group(2)) if m else None
+        elif key and (m := re.search(r"\| (\w+)/(\w+) \|\s*$", line)):
+            transports.setdefault(key, set()).add(m.group(1))
+    contexts = {context for context, _ in transports}
+    assert len(contexts) == 2, text[-3000:]  # both agents' contexts sent
+    for context in contexts:
+        for kind in ("stream", "tagged"):
+            seen = transports.get((context, kind), set())
+            assert seen & {"sysv", "posix"}, f"{context} sends {kind} messages over {seen}"
