@@ -1,10 +1,12 @@
 """One node of the two-namespace test: `serve` a KV cache, or `fetch` from one.
 
-    serve SPEC_KEY ADDRESS        prints the agent's metadata (hex) on one line, serves
-                                  until stdin closes, then prints its notifications
-    fetch SPEC_KEY METADATA_HEX   reads blocks, checks every byte, writes some back with a
-                                  notify, prints "OK <MB/s>"; with --stall-ok it expects
-                                  the transfer to fail within its deadline instead
+    serve SPEC_KEY ADDRESS BACKEND       prints the agent's metadata (hex) on one line,
+                                         serves until stdin closes, then prints its
+                                         notifications
+    fetch SPEC_KEY METADATA_HEX BACKEND  reads blocks, checks every byte, writes some back
+                                         with a notify, prints "OK <MB/s>"; with
+                                         --stall-ok it expects the transfer to fail
+                                         within its deadline instead
 """
 
 from __future__ import annotations
@@ -25,22 +27,23 @@ def spec_of(key: str) -> Spec:
     return Spec(ctor, dtype, int(blocks), int(layers))
 
 
-def serve(key: str, address: str) -> None:
-    with kvxfer.Agent("node-a", listen=address) as agent:
+def serve(key: str, address: str, backend: str) -> None:
+    with kvxfer.Agent("node-a", backend=backend, listen=address) as agent:
         agent.register_kv_cache(build_layout(spec_of(key), 1))
         print(agent.metadata().hex(), flush=True)
         sys.stdin.read()
         print(repr(agent.notifications()), flush=True)
 
 
-def fetch(key: str, meta_hex: str, expect_failure: bool) -> None:
+def fetch(key: str, meta_hex: str, backend: str, expect_failure: bool) -> None:
     spec = spec_of(key)
     layout = build_layout(spec, 2)
     gen = torch.Generator().manual_seed(11)
     n = spec.num_blocks
     remote = torch.randperm(n, generator=gen)[: n // 2].tolist()
     local = torch.randperm(n, generator=gen)[: n // 2].tolist()
-    with kvxfer.Agent("node-b", listen="0.0.0.0:0", transfer_timeout=5.0) as agent:
+    with kvxfer.Agent("node-b", backend=backend, listen="0.0.0.0:0",
+                      transfer_timeout=5.0) as agent:
         agent.register_kv_cache(layout)
         peer = agent.add_peer(bytes.fromhex(meta_hex))
         t0 = time.perf_counter()
@@ -62,6 +65,6 @@ def fetch(key: str, meta_hex: str, expect_failure: bool) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
-        serve(sys.argv[2], sys.argv[3])
+        serve(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
-        fetch(sys.argv[2], sys.argv[3], "--stall-ok" in sys.argv)
+        fetch(sys.argv[2], sys.argv[3], sys.argv[4], "--stall-ok" in sys.argv)
