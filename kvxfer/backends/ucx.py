@@ -58,7 +58,7 @@ _ENV_BEFORE = dict(os.environ)
 import ucxx._lib.libucxx as ucx  # noqa: E402 - after the snapshot
 from ucxx._lib.arr import Array  # noqa: E402
 
-from ..errors import PeerUnreachable
+from ..errors import PeerUnreachable, RemoteProtocolError
 from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
 from ..protocol.frames import HEADER
 from .base import BackendConfig, PeerInfo, parse_host_port
@@ -122,13 +122,19 @@ class UcxChannel(Channel):
     first thing on the stream; the peer tags the n-th payload it sends us
     ``key << 32 | n``.
 
+    A tagged receive completes without error when the message is shorter than its
+    buffer, leaving the rest stale; so the receiver probes the message first and
+    refuses (ending the connection) one whose length is not the frame's payload length.
+
     Args:
         ep: a connected ucxx endpoint (error handling on).
+        worker: the endpoint's worker (tags are probed on it).
         recv_key: this side's key, unique among the worker's channels (< 2**32).
     """
 
-    def __init__(self, ep: Any, recv_key: int) -> None:
+    def __init__(self, ep: Any, worker: Any, recv_key: int) -> None:
         self.ep = ep
+        self.worker = worker
         self.conn = Connection()
         self._recv_key = recv_key
         self._send_key: Optional[int] = None  # the peer's key, once its first bytes came
@@ -164,21 +170,29 @@ class UcxChannel(Channel):
             self._down = self._down or str(exc)
             raise PeerUnreachable(f"UCX post failed: {exc}") from exc
         deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        spins = 0
         for request in requests:
-            while not request.completed:
-                if self._down is not None or (deadline and time.monotonic() > deadline):
-                    self._orphans.append((requests, arrays))  # UCX may still use them
-                    why = self._down or f"no progress within {self._timeout} s"
-                    raise PeerUnreachable(f"UCX channel is down: {why}")
-                spins += 1
-                time.sleep(0 if spins < 64 else min(1e-3, 2e-5 * (spins - 63)))
+            try:
+                self._wait_until(lambda: request.completed, deadline)
+            except PeerUnreachable:
+                self._orphans.append((requests, arrays))  # UCX may still use them
+                raise
             try:
                 request.check_error()
             except Exception as exc:  # noqa: BLE001 - UCX reports a dead peer this way
                 self._down = self._down or f"{type(exc).__name__}: {exc}"
                 self._orphans.append((requests, arrays))
                 raise PeerUnreachable(f"UCX transfer failed: {self._down}") from exc
+
+    def _wait_until(self, done: Any, deadline: Optional[float]) -> None:
+        """Poll ``done()`` (backing off) until true; PeerUnreachable if the channel goes
+        down or ``deadline`` (monotonic) passes first."""
+        spins = 0
+        while not done():
+            if self._down is not None or (deadline and time.monotonic() > deadline):
+                why = self._down or f"no progress within {self._timeout} s"
+                raise PeerUnreachable(f"UCX channel is down: {why}")
+            spins += 1
+            time.sleep(0 if spins < 64 else min(1e-3, 2e-5 * (spins - 63)))
 
     def _recv_exact(self, buffers: Sequence[object]) -> None:
         self._run(self.ep.stream_recv, buffers)
@@ -209,9 +223,29 @@ class UcxChannel(Channel):
         self._run_posts(posts)
 
     def _recv_tagged(self, buffer: object) -> None:
+        """Receive the next payload into ``buffer``, which it must fill exactly."""
         tag = self._tag(self._recv_key, self._recv_seq)
         self._recv_seq += 1
-        self._run_posts([(lambda a: self.ep.tag_recv(a, tag), buffer)])
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
+        probe: list = []
+
+        def arrived() -> bool:
+            result = self.worker.tag_probe(tag, remove=True)
+            if result.matched:
+                probe.append(result)
+            return bool(probe)
+
+        self._wait_until(arrived, deadline)
+        got, want = probe[0].length, _nbytes(buffer)
+        if got != want:
+            if 0 < got < want:  # take it off UCX's hands (a staging buffer: never unpacked)
+                view = buffer[:got] if isinstance(buffer, torch.Tensor) else \
+                    memoryview(buffer).cast("B")[:got]  # type: ignore[arg-type]
+                self._run_posts([(lambda a: self.ep.tag_recv_with_handle(a, probe[0]), view)])
+            self._down = self._down or "a payload of the wrong length"
+            raise RemoteProtocolError(f"peer sent a payload of {got} bytes for a frame "
+                                      f"announcing {want}")
+        self._run_posts([(lambda a: self.ep.tag_recv_with_handle(a, probe[0]), buffer)])
 
     # --------------------------------------------------------------- Channel
     def send(self, buffers: Sequence[object], guard: Optional[Guard] = None) -> None:
@@ -314,7 +348,7 @@ class UcxBackend(TwoSidedBackend):
             raise PeerUnreachable(f"UCX cannot listen on {self.listen!r}: {exc}") from exc
 
     def _track(self, ep: Any) -> UcxChannel:
-        channel = UcxChannel(ep, next(self._keys))
+        channel = UcxChannel(ep, self._worker, next(self._keys))
         with self._lock:
             self._channels.append(channel)
         return channel

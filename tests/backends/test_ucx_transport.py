@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -45,3 +46,70 @@ def test_stream_lanes_between_two_agents_on_one_host_use_shared_memory():
         for kind in ("stream", "tagged"):
             seen = transports.get((context, kind), set())
             assert seen & {"sysv", "posix"}, f"{context} sends {kind} messages over {seen}"
+
+
+def test_a_payload_shorter_than_its_frame_ends_the_connection_and_lands_nowhere():
+    """UCX completes a tagged receive into a larger buffer without error; the backend
+    must see the short payload and refuse it, or stale staging bytes would be
+    unpacked into the KV cache. A raw ucxx client plays the rogue peer."""
+    import ucxx._lib.libucxx as ucx
+    from ucxx._lib.arr import Array
+
+    from kvxfer.agent import decode_metadata
+    from kvxfer.backends.base import parse_host_port
+    from kvxfer.protocol import Connection, Hello, Write
+    from kvxfer.protocol.frames import HEADER
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "integration"))
+    from kvpeer import Spec, local_agent, snapshot
+
+    spec = Spec("nhd", "bfloat16")
+    server, layout = local_agent(spec, name="victim", backend="ucx")
+    context = ucx.UCXContext(config_dict={"TLS": "^cuda", "MM_ERROR_HANDLING": "y"},
+                             feature_flags=(ucx.Feature.TAG, ucx.Feature.STREAM,
+                                            ucx.Feature.WAKEUP))
+    worker = ucx.UCXWorker(context)
+    worker.start_progress_thread(polling_mode=False, epoll_timeout=10)
+    keep: list = []
+
+    def run(request: object) -> None:
+        deadline = time.monotonic() + 10
+        while not request.completed and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert request.completed
+        request.check_error()
+
+    def post(op: str, buf: object, *tag: object) -> object:
+        keep.append(arr := Array(memoryview(buf).cast("B")))
+        return getattr(ep, op)(arr, *tag)
+
+    try:
+        with server:
+            before = snapshot(layout)
+            host, port = parse_host_port(decode_metadata(server.metadata()).address)
+            ep = worker.create_endpoint_from_hostname(host, port, True)
+            run(post("stream_send", (7).to_bytes(4, "big")))  # our payload-tag key
+            key = bytearray(4)
+            run(post("stream_recv", key))
+            enc, dec = Connection(expect_hello=False), Connection()
+            run(post("stream_send", enc.encode(Hello("rogue", layout.descriptor.to_bytes()))))
+            head = bytearray(20)
+            run(post("stream_recv", head))
+            dec.receive_data(head)
+            body = bytearray(HEADER.unpack(head)[4])  # the body's length
+            run(post("stream_recv", body))
+            dec.receive_data(body)
+            assert isinstance(dec.next_event(), Hello)
+            n = layout.block_bytes * 2  # block 3 of layer 0, K and V
+            frame = enc.send(Write(1, 0, (0,), ((3, 1),), n, True, b"never"), [bytes(n)])[0]
+            run(post("stream_send", frame))
+            tag = ucx.UCXXTag((int.from_bytes(key, "big") << 32) | 0)
+            run(post("tag_send", b"\x55" * (n // 2), tag))  # half of what was announced
+            deadline = time.monotonic() + 10
+            while ep.alive and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert snapshot(layout) == before  # no stale staging bytes unpacked
+            assert not ep.alive, "the victim kept a connection that lied about a payload"
+            assert server.notifications() == []
+    finally:
+        worker.stop_progress_thread()
