@@ -13,22 +13,13 @@ from typing import Any, Iterator
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "integration"))
-from kvpeer import PeerProcess, Spec  # noqa: E402
-
-import kvxfer  # noqa: E402
-from kvxfer.backends import get_backend  # noqa: E402
-
-BACKENDS = ["tcp", "ucx", "nixl"]
+from kvpeer import BACKENDS, PeerProcess, Spec, usable_backend  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """A backend name; skipped when its library cannot be imported here."""
-    try:
-        get_backend(request.param)
-    except kvxfer.BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    return request.param
+    return usable_backend(request.param)
 
 
 @pytest.fixture

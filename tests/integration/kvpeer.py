@@ -71,6 +71,22 @@ def block_bytes(layout: kvxfer.KVLayout, ids: list[int]) -> list[bytes]:
             for r in layout.regions]
 
 
+BACKENDS = ["tcp", "ucx", "nixl"]
+
+
+def usable_backend(name: str) -> str:
+    """``name`` if its library imports here; otherwise the calling test is skipped."""
+    import pytest
+
+    from kvxfer.backends import get_backend
+
+    try:
+        get_backend(name)
+    except kvxfer.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    return name
+
+
 def local_agent(spec: Spec, seed: int = 2, name: str = "local",
                 **options: Any) -> tuple[kvxfer.Agent, kvxfer.KVLayout]:
     """An Agent in this process with a registered layout for ``spec`` (filled by ``seed``)."""

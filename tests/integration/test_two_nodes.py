@@ -15,8 +15,7 @@ import time
 
 import pytest
 
-import kvxfer
-from kvxfer.backends import get_backend
+from kvpeer import BACKENDS, usable_backend
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE = os.path.join(HERE, "netns_node.py")
@@ -45,14 +44,10 @@ def _netns_usable() -> str | None:
 pytestmark = pytest.mark.skipif(_netns_usable() is not None, reason=str(_netns_usable()))
 
 
-@pytest.fixture(params=["tcp", "ucx", "nixl"])
+@pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
     """Every backend between the two nodes; skipped when its library is missing."""
-    try:
-        get_backend(request.param)
-    except kvxfer.BackendUnavailable as exc:
-        pytest.skip(str(exc))
-    return request.param
+    return usable_backend(request.param)
 
 
 @pytest.fixture
