@@ -114,48 +114,41 @@ class RegisteredMemory:
 
     def pack_into(self, layers: Sequence[int], runs: Runs, out: torch.Tensor) -> None:
         """Copy the chunk into the contiguous uint8 tensor ``out`` (its first bytes)."""
-        from .packing import pack, packed_nbytes
-
-        if not runs:  # a write of no blocks (a notify alone) packs nothing
-            return
-        if self.is_host and out.device.type == "cpu":
-            self._copy_host(layers, runs, out, into_blocks=False)
-            return
-        ids = self._block_ids(runs)
-        n = packed_nbytes(self.layout, len(ids), layers)
-        pack(self.layout, ids, layers, out=out[:n])
-        if out.device.type == "cpu" and not self.is_host:
-            torch.cuda.current_stream(self.layout.device).synchronize()
+        self._stage(layers, runs, out, into_blocks=False)
 
     def unpack_from(self, layers: Sequence[int], runs: Runs, src: torch.Tensor) -> None:
         """Scatter the contiguous uint8 tensor ``src`` into the chunk's blocks."""
-        from .packing import packed_nbytes, unpack
+        self._stage(layers, runs, src, into_blocks=True)
 
-        if not runs:
+    def _stage(self, layers: Sequence[int], runs: Runs, packed: torch.Tensor,
+               into_blocks: bool) -> None:
+        """Blocks <-> a packed chunk. Host blocks and a host chunk: one memcpy per
+        contiguous run (the same bytes as the packing module's, without a torch call per
+        region, which costs more than the copy when a chunk holds few blocks). CUDA
+        blocks: the packing kernel, waited for before the chunk is read or reused."""
+        if not runs:  # a write of no blocks (a notify alone) moves nothing
             return
-        if self.is_host and src.device.type == "cpu":
-            self._copy_host(layers, runs, src, into_blocks=True)
+        if self.is_host and packed.device.type == "cpu":
+            buf = memoryview(packed.numpy()).cast("B")
+            off = 0
+            for view in self.host_buffers(layers, runs):
+                n = view.nbytes
+                if into_blocks:
+                    view[:] = buf[off:off + n]
+                else:
+                    buf[off:off + n] = view
+                off += n
             return
+        from .packing import pack, packed_nbytes, unpack
+
         ids = self._block_ids(runs)
-        n = packed_nbytes(self.layout, len(ids), layers)
-        unpack(self.layout, ids, layers, src[:n])
-        if not self.is_host:
+        chunk = packed[:packed_nbytes(self.layout, len(ids), layers)]
+        if into_blocks:
+            unpack(self.layout, ids, layers, chunk)
+        else:
+            pack(self.layout, ids, layers, out=chunk)
+        if not self.is_host and (into_blocks or packed.device.type == "cpu"):
             torch.cuda.current_stream(self.layout.device).synchronize()
-
-    def _copy_host(self, layers: Sequence[int], runs: Runs, packed: torch.Tensor,
-                   into_blocks: bool) -> None:
-        """Host blocks <-> a host chunk, one memcpy per contiguous run: the same bytes
-        as the packing module's, without a torch call per region (which costs more
-        than the copy when a chunk holds few blocks)."""
-        buf = memoryview(packed.numpy()).cast("B")
-        off = 0
-        for view in self.host_buffers(layers, runs):
-            n = view.nbytes
-            if into_blocks:
-                view[:] = buf[off:off + n]
-            else:
-                buf[off:off + n] = view
-            off += n
 
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for staged chunks: pinned when the KV cache is on a GPU."""
