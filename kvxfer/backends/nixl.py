@@ -3,33 +3,44 @@
 Theory of operation
 -------------------
 ``start`` registers each distinct storage behind the KV cache with a NIXL agent (its
-UCX plugin) once, and prepares the local descriptor list once: one descriptor per
-(region, block), region-major, so descriptor ``r * num_blocks + b`` is block ``b`` of
-region ``r`` (regions in layout order: layer-major, then part)::
+UCX plugin) once and prepares the local descriptor list once: one strided row per
+region, indexed by flat block number ``r * num_blocks + b`` (see
+:mod:`.nixl_descriptors`). ``backend_metadata()`` carries the NIXL agent metadata plus
+our region table, so ``connect`` prepares the peer's list the same way: O(regions),
+whatever the block count. ``connect`` then asks NIXL to make the connection and sends
+a hello notification, so the UCX endpoint is wired up before the first transfer.
 
-    descriptor index   0 .. NB-1      NB .. 2NB-1     ...   (R-1)NB .. R*NB-1
-    region             L0/K           L0/V            ...   L(n-1)/V
-    address            base_r + b * block_stride_r,  length block_bytes_r
+A chunk (layers x runs) becomes one ``make_prepped_xfer`` over the matching local and
+remote indices; NIXL merges indices contiguous on both sides, so a run of blocks in a
+dense region is one operation. READ pulls the peer's blocks into ours; WRITE pushes.
+The peer's CPU is not involved.
 
-``backend_metadata()`` carries the NIXL agent metadata plus our region table (base,
-stride, block bytes, block count per region), so a peer prepares the same list for
-our memory once, in ``connect``. A chunk (layers x runs) becomes one
-``make_prepped_xfer`` over the matching local and remote indices; NIXL merges
-descriptors contiguous on both sides, so a run of blocks in a dense region is one
-operation. READ pulls the peer's blocks into ours; WRITE pushes. The peer's CPU is
-not involved.
+One owned poll thread, per peer connection (a :class:`ChunkQueue`)::
 
-One owned poll thread posts chunks (at most ``max_inflight`` per peer, round-robin
-across requests), polls ``check_xfer_state``, and reads NIXL notifications: a write's
-``notify`` is sent with ``send_notif`` once every chunk of it completed (after the
-data, on the same UCX endpoint) and handed to the peer's notify sink there (when the
-sink refuses, its unread backlog full, the message is held and NIXL's queue is left
-undrained until the engine reads its notifications: nothing is dropped). An ``ERR``
-state fails the handle and marks the peer dead; a peer that just goes silent is caught
-by the Agent's deadline watchdog. A remote block id past the peer's ``num_blocks`` is
-refused before anything is posted. When a handle fails or is cancelled its in-flight
-operations are released (NIXL cancels what it still can; an operation the NIC already
-executes may still complete, which a one-sided transport cannot prevent).
+    submit -> queue (round-robin, <= max_inflight posted) -> post xfer -> poll state
+                                                               |        DONE: chunk_done
+       handle no longer active: post nothing more  ------------+        ERR:  peer dead
+       its posted xfers stay posted, polled until DONE or ERR, only then released
+
+- ``quiesce(handle)`` (called by ``handle.fail``: cancel, deadline, errors) returns once
+  every xfer posted for the handle reached DONE or ERR; it polls them itself under the
+  backend lock, so it works on any thread (the poll thread included) and after the
+  poll thread stopped. Releasing an active NIXL xfer does not stop it (UCX may go on
+  writing after the release), so we never release one before it settles. Past
+  ``QUIESCE_BOUND`` seconds the connection to that peer is broken (remote agent
+  invalidated, its requests cancelled and endpoint closed), its transfers fail, and a
+  warning is logged: that is the most NIXL lets us do against a stuck operation.
+- An ``ERR`` state marks the peer dead and fails its transfers; a peer that just goes
+  silent is caught by the Agent's deadline watchdog. A remote block id past the peer's
+  ``num_blocks`` fails that handle only, before anything is posted.
+- A write's ``notify`` is sent with ``send_notif`` once every chunk of it completed
+  (after the data, on the same UCX endpoint) and handed to the peer's notify sink
+  there; when the sink refuses (its unread backlog full), the message is held and
+  NIXL's queue is left undrained until the engine reads its notifications.
+- NIXL keys remote agents by name. ``connect`` to a name we already know (a restarted
+  peer) first ``disconnect``s the old connection: its transfers fail, their xfers
+  settle, its descriptor list is released and its remote agent removed; only then is
+  the new metadata loaded.
 """
 
 from __future__ import annotations
@@ -43,19 +54,22 @@ import time
 from collections import deque
 from typing import Any, Optional
 
-import numpy as np
-
 from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreachable,
-                      RemoteProtocolError)
+                      RemoteProtocolError, TransferFailed)
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
 from ..plan import Chunk
+from ..scheduler import ChunkQueue
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
+from .nixl_descriptors import chunk_indices, region_table, strided_rows
 
 log = logging.getLogger("kvxfer.nixl")
 
 NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
+HELLO = b"KVXH"  # sent by connect to wire the endpoint up; dropped by the receiver
 IDLE_POLL = 0.002  # seconds between notification polls while nothing is in flight
+QUIESCE_BOUND = 5.0  # seconds quiesce waits for posted xfers before breaking the link
+MAX_INDEX = (1 << 31) - 1  # NIXL takes descriptor indices as C ints
 _LEN = struct.Struct("!I")
 # nixl-cu12 and nixl-cu13 ship the same API under their own names; the ``nixl`` meta
 # package re-exports whichever matches the machine's CUDA.
@@ -74,42 +88,31 @@ def _import_nixl() -> Any:
 
 _nixl = _import_nixl()
 nixl_agent, nixl_agent_config = _nixl.nixl_agent, _nixl.nixl_agent_config
+_MESSAGE = None  # queue item of a write of no blocks: just its notify
+Key = tuple[int, int]  # (request id, chunk index)
 
 
-def _region_table(memory: RegisteredMemory) -> list[list[int]]:
-    return [[r.base, r.block_stride, r.block_bytes, r.num_blocks] for r in memory.layout.regions]
-
-
-def _descriptors(table: list[list[int]], device: int) -> np.ndarray:
-    """Nx3 (address, length, device) rows: one per (region, block), region-major."""
-    rows = [np.stack([base + stride * np.arange(n, dtype=np.uint64),
-                      np.full(n, nbytes, dtype=np.uint64),
-                      np.full(n, device, dtype=np.uint64)], axis=1)
-            for base, stride, nbytes, n in table]
-    return np.ascontiguousarray(np.concatenate(rows), dtype=np.uint64)
-
-
-def _indices(chunk: Chunk, parts: int, num_blocks: int, side: int) -> np.ndarray:
-    """Descriptor indices of a chunk on one side (0: local runs, 1: remote runs)."""
-    starts = [run[side] for run in chunk.runs]
-    counts = [run[2] for run in chunk.runs]
-    blocks = np.concatenate([np.arange(s, s + n) for s, n in zip(starts, counts)])
-    regions = [layer * parts + p for layer in chunk.layers for p in range(parts)]
-    return (np.asarray(regions)[:, None] * num_blocks + blocks[None, :]).ravel().astype(np.int32)
+def _key(item: Optional[Chunk]) -> int:
+    return -1 if item is None else item.index
 
 
 class _NixlPeer(BackendPeer):
-    """A remote NIXL agent: its prepared descriptor list and our requests to it."""
+    """A remote NIXL agent: its prepared descriptor list and our transfers to it.
 
-    def __init__(self, name: str, nixl_name: str, dlist: Any, num_blocks: int) -> None:
+    Every field is changed only under the backend's lock.
+    """
+
+    def __init__(self, name: str, nixl_name: str, metadata: bytes, dlist: Any,
+                 num_blocks: int, max_inflight: int) -> None:
         self.name = name
         self.nixl_name = nixl_name
-        self.dlist = dlist
+        self.metadata = metadata  # the backend metadata it was connected with
+        self.dlist = dlist  # prepared remote descriptors; None once released
         self.num_blocks = num_blocks
-        self.queue: deque[list] = deque()  # [handle, chunks, next index]; round-robin
-        self.inflight: list[tuple[Any, TransferHandle, Chunk]] = []  # (xfer, handle, chunk)
-        self.left: dict[TransferHandle, int] = {}  # chunks of a handle not yet completed
-        self.dead: Optional[BaseException] = None
+        self.queue: ChunkQueue[Optional[Chunk]] = ChunkQueue(max_inflight)
+        self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
+        self.left: dict[int, int] = {}  # request id -> chunks not yet completed
+        self.dead: Optional[BaseException] = None  # set once: nothing more is posted
 
     @property
     def alive(self) -> bool:
@@ -124,7 +127,7 @@ class NixlBackend(Backend):
 
     def __init__(self, agent_name: str, listen: str, config: BackendConfig) -> None:
         super().__init__(agent_name, listen, config)
-        self._cond = threading.Condition()  # guards every NIXL call and the peers' queues
+        self._cond = threading.Condition()  # guards every NIXL call and every peer
         self._closed = False
         self._agent: Any = None
         self._memory: Optional[RegisteredMemory] = None
@@ -136,11 +139,15 @@ class NixlBackend(Backend):
         self._device = 0
         self._reg: Any = None  # registered descriptor list, None once deregistered
         self._local: Any = None  # prepared local descriptor list
-        self._peers: list[_NixlPeer] = []
+        self._peers: list[_NixlPeer] = []  # live ones, and dead ones until retired
+        self._connecting: dict[str, threading.Lock] = {}  # one connect per name at a time
         self._thread: Optional[threading.Thread] = None
 
     # ------------------------------------------------------------- lifecycle
     def start(self, memory: RegisteredMemory, notify: NotifySink) -> None:
+        if len(memory.layout.regions) * memory.num_blocks > MAX_INDEX:
+            raise LayoutMismatch("NIXL indexes descriptors with C ints: at most 2**31 "
+                                 "(region, block) pairs", field="num_blocks")
         self._memory, self._notify = memory, notify
         if not memory.is_host:
             self._mem_type, self._device = "VRAM", memory.layout.device.index or 0
@@ -154,7 +161,7 @@ class NixlBackend(Backend):
             storages[storage.data_ptr()] = (storage.data_ptr(), storage.nbytes(), self._device, "")
         self._reg = self._agent.register_memory(list(storages.values()), self._mem_type)
         self._local = self._agent.prep_xfer_dlist(
-            "NIXL_INIT_AGENT", _descriptors(_region_table(memory), self._device), self._mem_type)
+            "NIXL_INIT_AGENT", strided_rows(region_table(memory), self._device), self._mem_type)
         self._thread = threading.Thread(target=self._poll_loop, daemon=True,
                                         name=f"kvxfer-nixl-poll[{self.agent_name}]")
         self._thread.start()
@@ -169,7 +176,7 @@ class NixlBackend(Backend):
 
     def backend_metadata(self) -> bytes:
         assert self._memory is not None, "start() first"
-        head = json.dumps({"regions": _region_table(self._memory), "mem_type": self._mem_type,
+        head = json.dumps({"regions": region_table(self._memory), "mem_type": self._mem_type,
                            "device": self._device}).encode()
         with self._cond:
             return _LEN.pack(len(head)) + head + self._agent.get_agent_metadata()
@@ -182,37 +189,61 @@ class NixlBackend(Backend):
             (n,) = _LEN.unpack_from(peer.backend_metadata)
             head = json.loads(peer.backend_metadata[4:4 + n])
             nixl_md = peer.backend_metadata[4 + n:]
-            table, mem_type = head["regions"], head["mem_type"]
-        except (struct.error, ValueError, KeyError) as exc:
+            table, mem_type, device = head["regions"], head["mem_type"], int(head["device"])
+        except (struct.error, ValueError, KeyError, TypeError) as exc:
             raise RemoteProtocolError(f"malformed NIXL metadata from {peer.name!r}: {exc}") \
                 from exc
-        ours = _region_table(memory)
-        if [r[2] for r in table] != [r[2] for r in ours]:
+        if [r[2] for r in table] != [r[2] for r in region_table(memory)]:
             raise LayoutMismatch(f"peer {peer.name!r} has regions of other sizes than ours",
                                  field="block_bytes")
         if any(r[3] != peer.descriptor.num_blocks for r in table):
             raise LayoutMismatch(f"peer {peer.name!r}'s regions disagree with its layout",
                                  field="num_blocks")
         with self._cond:
+            lock = self._connecting.setdefault(peer.name, threading.Lock())
+        with lock:  # NIXL keys remote agents by name: one connect per name at a time
+            with self._cond:
+                old = [p for p in self._peers if p.name == peer.name and p.dlist is not None]
+                same = [p for p in old if p.alive and p.metadata == peer.backend_metadata]
+                if same:
+                    return same[0]
+            for p in old:  # a restarted peer: its predecessor goes first, wholly
+                self.disconnect(p, PeerUnreachable(
+                    f"peer {peer.name!r} was connected again (restarted); this connection "
+                    "to its predecessor is closed"))
+            return self._load_peer(peer, nixl_md, table, mem_type, device)
+
+    def _load_peer(self, peer: PeerInfo, nixl_md: bytes, table: list, mem_type: str,
+                   device: int) -> _NixlPeer:
+        with self._cond:
             if self._closed:
                 raise AgentClosed("agent closed")
-            self._forget_peer(peer.name)
+            nixl_name = None
             try:
                 nixl_name = self._agent.add_remote_agent(nixl_md)
-                dlist = self._agent.prep_xfer_dlist(nixl_name, _descriptors(table, head["device"]),
+                if isinstance(nixl_name, bytes):
+                    nixl_name = nixl_name.decode()
+                dlist = self._agent.prep_xfer_dlist(nixl_name, strided_rows(table, device),
                                                     mem_type)
+                self._agent.make_connection(nixl_name)
+                self._agent.send_notif(nixl_name, HELLO)  # wires the endpoint up now
             except Exception as exc:  # noqa: BLE001 - nixl raises its own types
+                if nixl_name is not None:
+                    self._remove_remote(nixl_name)
                 raise PeerUnreachable(f"NIXL cannot reach peer {peer.name!r}: {exc}") from exc
-            conn = _NixlPeer(peer.name, nixl_name, dlist, peer.descriptor.num_blocks)
+            conn = _NixlPeer(peer.name, nixl_name, peer.backend_metadata, dlist,
+                             peer.descriptor.num_blocks, self.config.max_inflight)
             self._peers.append(conn)
-        return conn
+            return conn
 
-    def _forget_peer(self, name: str) -> None:
-        """Drop an earlier connection to ``name`` (re-added peer); caller holds the lock."""
-        for old in [p for p in self._peers if p.name == name]:
-            self._peers.remove(old)
-            self._kill(old, PeerUnreachable(f"peer {name!r} was added again"))
-            self._release_peer(old)
+    def disconnect(self, peer: BackendPeer, why: BaseException) -> None:
+        assert isinstance(peer, _NixlPeer)
+        with self._cond:
+            failures = self._kill(peer, why)
+        self._fail_all(failures)  # each waits (bounded) for its posted xfers
+        self._settle(peer, lambda key: True)  # and xfers of handles failed elsewhere
+        with self._cond:
+            self._retire(peer)
 
     def close(self) -> None:
         with self._cond:
@@ -223,17 +254,19 @@ class NixlBackend(Backend):
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         with self._cond:
-            failed = [self._kill(p, AgentClosed("agent closed")) for p in self._peers]
-            for peer in self._peers:
-                self._release_peer(peer)
-            self._peers.clear()
+            peers = list(self._peers)
+            failures = [f for p in peers for f in self._kill(p, AgentClosed("agent closed"))]
+        self._fail_all(failures)
+        for peer in peers:
+            self._settle(peer, lambda key: True)
+        with self._cond:
+            for peer in peers:
+                self._retire(peer)
             if self._agent is not None:
                 self._local.release()
                 self._agent.deregister_memory(self._reg)
                 self._reg = None
                 self._agent = None  # the NIXL agent goes with its last reference
-        for handles in failed:
-            self._fail_all(handles)
 
     # ------------------------------------------------------------- requests
     def submit(self, peer: BackendPeer, handle: TransferHandle) -> None:
@@ -248,26 +281,78 @@ class NixlBackend(Backend):
         with self._cond:
             dead = peer.dead or (AgentClosed("agent closed") if self._closed else None)
             if dead is None:
-                peer.queue.append([handle, list(handle.chunks), 0])
-                peer.left[handle] = len(handle.chunks)
+                peer.queue.push(handle, list(handle.chunks) or [_MESSAGE])
+                peer.left[handle.request_id] = len(handle.chunks)
                 self._cond.notify_all()
                 return
         handle.fail(PeerUnreachable(f"NIXL peer {peer.name!r} is down: {dead}"))
 
-    def _kill(self, peer: _NixlPeer, exc: BaseException) -> list[tuple[TransferHandle, Any]]:
-        """Mark ``peer`` dead; returns its handles to fail (outside the lock)."""
+    def quiesce(self, handle: TransferHandle) -> None:
+        rid = handle.request_id
+        with self._cond:
+            peers = [p for p in self._peers if any(k[0] == rid for k in p.xfers)]
+        for peer in peers:
+            self._settle(peer, lambda key: key[0] == rid)
+
+    def _settle(self, peer: _NixlPeer, mine: Any) -> None:
+        """Poll ``peer``'s posted xfers that ``mine(key)`` selects until each settled
+        (DONE or ERR); past QUIESCE_BOUND, break the connection. Any thread, unlocked."""
+        limit = time.monotonic() + QUIESCE_BOUND
+        while True:
+            with self._cond:
+                for key in [k for k in peer.xfers if mine(k)]:
+                    self._check(peer, key, [])
+                if not any(mine(k) for k in peer.xfers):
+                    return
+                if time.monotonic() >= limit:
+                    log.warning("NIXL transfers to %r did not settle within %.1f s; "
+                                "breaking the connection", peer.name, QUIESCE_BOUND)
+                    failures = self._break(peer)
+                    break
+                self._cond.wait(IDLE_POLL)
+        self._fail_all(failures)
+
+    def _break(self, peer: _NixlPeer) -> list[tuple[TransferHandle, BaseException]]:
+        """End everything posted to ``peer``: invalidate its remote agent (NIXL then
+        refuses its xfers), release them (UCX cancels their requests and closes the
+        endpoint once the last goes). Caller holds the lock."""
+        failures = self._kill(peer, PeerUnreachable(
+            f"NIXL transfers to {peer.name!r} did not finish within {QUIESCE_BOUND} s "
+            "after their transfer failed; the connection was broken"))
+        self._remove_remote(peer.nixl_name)
+        for key, xfer in list(peer.xfers.items()):
+            self._release_xfer(xfer)
+            peer.queue.finish(*key)
+        peer.xfers.clear()
+        self._cond.notify_all()
+        return failures
+
+    def _kill(self, peer: _NixlPeer,
+              exc: BaseException) -> list[tuple[TransferHandle, BaseException]]:
+        """Mark ``peer`` dead (nothing more is posted); returns its transfers to fail,
+        outside the lock. Posted xfers stay until they settle."""
         if peer.dead is None:
             peer.dead = exc
-        handles = list(peer.left)
-        for xfer, _, _ in peer.inflight:
-            self._release_xfer(xfer)
-        peer.inflight.clear()
+        self._cond.notify_all()
+        return [(h, peer.dead) for h in peer.queue.handles() if h.active]
+
+    def _retire(self, peer: _NixlPeer) -> None:
+        """Free a dead peer whose xfers all settled; caller holds the lock."""
+        if peer.xfers or peer.dlist is None:
+            return
+        try:
+            peer.dlist.release()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("releasing NIXL descriptors of %r: %s", peer.name, exc)
+        peer.dlist = None
         peer.queue.clear()
         peer.left.clear()
-        return [(h, exc) for h in handles]
+        self._remove_remote(peer.nixl_name)
+        if peer in self._peers:
+            self._peers.remove(peer)
 
     @staticmethod
-    def _fail_all(failures: list[tuple[TransferHandle, Any]]) -> None:
+    def _fail_all(failures: list[tuple[TransferHandle, BaseException]]) -> None:
         for handle, exc in failures:
             handle.fail(exc)
 
@@ -277,102 +362,139 @@ class NixlBackend(Backend):
         except Exception as exc:  # noqa: BLE001 - an active transfer may refuse to go
             log.debug("releasing a NIXL transfer: %s", exc)
 
-    def _release_peer(self, peer: _NixlPeer) -> None:
+    def _remove_remote(self, nixl_name: str) -> None:
         try:
-            peer.dlist.release()
-            self._agent.remove_remote_agent(peer.nixl_name)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("removing NIXL peer %r: %s", peer.name, exc)
+            self._agent.remove_remote_agent(nixl_name)
+        except Exception as exc:  # noqa: BLE001 - NIXL drops a disconnected one itself
+            log.debug("removing NIXL peer %r: %s", nixl_name, exc)
 
     # ------------------------------------------------------------ poll thread
     def _poll_loop(self) -> None:
         while True:
-            with self._cond:
-                if self._closed:
-                    return
-                busy = any(p.inflight or p.queue for p in self._peers)
-                if not busy:
-                    self._cond.wait(IDLE_POLL)
-                events = self._step()
-            for fn, *args in events:
-                fn(*args)
-            self._deliver_notifications()
+            try:
+                with self._cond:
+                    if self._closed:
+                        return
+                    busy = any(p.queue.busy for p in self._peers)
+                    if not busy:
+                        self._cond.wait(IDLE_POLL)
+                    events = self._step()
+                for fn, *args in events:
+                    fn(*args)
+                self._deliver_notifications()
+            except Exception:  # noqa: BLE001 - one bad step must not end the thread
+                log.exception("NIXL poll step of %r failed; going on", self.agent_name)
+                busy = False
+                time.sleep(IDLE_POLL)
             if busy:
                 time.sleep(0)
 
     def _step(self) -> list[tuple]:
-        """Post, poll and collect notifications once; returns callbacks to run unlocked."""
+        """Poll, post and collect notifications once; returns callbacks to run unlocked."""
         events: list[tuple] = []
         for peer in list(self._peers):
-            if peer.dead is None:
-                try:
-                    self._progress(peer, events)
-                except Exception as exc:  # noqa: BLE001 - NIXL errors end the peer
-                    err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed: {exc}")
-                    events.append((self._fail_all, self._kill(peer, err)))
+            try:
+                for key in list(peer.xfers):
+                    self._check(peer, key, events)
+                if peer.alive:
+                    self._post_ready(peer, events)
+                elif not peer.xfers and peer.dlist is not None and not self._connecting_now(peer):
+                    self._retire(peer)  # died by itself (ERR): free it once all settled
+            except Exception as exc:  # noqa: BLE001 - NIXL errors end that peer only
+                err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed: {exc}")
+                events.append((self._fail_all, self._kill(peer, err)))
         if not self._held:
             for nixl_name, messages in self._agent.get_new_notifs().items():
+                name = nixl_name.decode() if isinstance(nixl_name, bytes) else nixl_name
                 for msg in messages:
                     if msg.startswith(NOTIFY_PREFIX):
-                        self._held.append((nixl_name, bytes(msg[len(NOTIFY_PREFIX):])))
+                        self._held.append((name, bytes(msg[len(NOTIFY_PREFIX):])))
         return events
+
+    def _connecting_now(self, peer: _NixlPeer) -> bool:
+        lock = self._connecting.get(peer.name)
+        return lock is not None and lock.locked()
 
     def _deliver_notifications(self) -> None:
         """Hand held notifications to the agent in order until it refuses one."""
         while self._held and self._notify is not None and self._notify(*self._held[0]):
             self._held.popleft()
 
-    def _progress(self, peer: _NixlPeer, events: list[tuple]) -> None:
-        still = []
-        for xfer, handle, chunk in peer.inflight:
-            state = "DONE" if not handle.active else self._agent.check_xfer_state(xfer)
-            if state == "PROC":
-                still.append((xfer, handle, chunk))
-                continue
-            self._release_xfer(xfer)
-            if state == "ERR":
-                raise PeerUnreachable(f"NIXL reported an error for chunk {chunk.index}")
-            if handle.active:
-                self._chunk_completed(peer, handle, chunk, events)
-        peer.inflight = still
-        for handle in [h for h in peer.left if not h.active]:
-            del peer.left[handle]  # failed, cancelled or expired: post nothing more
-        while peer.queue and len(peer.inflight) < self.config.max_inflight:
-            entry = peer.queue.popleft()
-            handle, chunks, i = entry
-            if not handle.active:
-                continue
-            if not chunks:  # a write of no blocks: just the message
-                peer.left.pop(handle, None)
-                self._send_notify(peer, handle)
-                events.append((handle.message_done,))
-                continue
-            entry[2] = i + 1
-            if i + 1 < len(chunks):
-                peer.queue.append(entry)
-            self._post(peer, handle, chunks[i])
-
-    def _post(self, peer: _NixlPeer, handle: TransferHandle, chunk: Chunk) -> None:
-        memory = self._memory
-        assert memory is not None
-        op = "READ" if handle.op == "read" else "WRITE"
-        xfer = self._agent.make_prepped_xfer(
-            op, self._local, _indices(chunk, memory.num_parts, memory.num_blocks, 0),
-            peer.dlist, _indices(chunk, memory.num_parts, peer.num_blocks, 1))
-        peer.inflight.append((xfer, handle, chunk))
-        if self._agent.transfer(xfer) == "ERR":
-            raise PeerUnreachable(f"NIXL refused to post chunk {chunk.index}")
-
-    def _chunk_completed(self, peer: _NixlPeer, handle: TransferHandle, chunk: Chunk,
-                         events: list[tuple]) -> None:
-        left = peer.left.get(handle, 0) - 1
+    def _check(self, peer: _NixlPeer, key: Key, events: list[tuple]) -> None:
+        """Poll one posted xfer; once settled, release it and free its slot. Locked."""
+        xfer = peer.xfers[key]
+        try:
+            state = self._agent.check_xfer_state(xfer)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("checking a NIXL transfer to %r: %s", peer.name, exc)
+            state = "ERR"
+        if state == "PROC":
+            return
+        del peer.xfers[key]
+        self._release_xfer(xfer)
+        self._cond.notify_all()  # quiescers wait for this
+        posted = peer.queue.finish(*key)
+        if posted is None:
+            return
+        handle, chunk = posted
+        if not handle.active or chunk is None:
+            return
+        if state == "ERR":  # UCX errors are the endpoint's: the peer is gone
+            err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed (chunk "
+                                  f"{chunk.index} of {handle.op} #{handle.request_id})")
+            events.append((self._fail_all, self._kill(peer, err)))
+            return
+        left = peer.left.get(handle.request_id, 0) - 1
         if left <= 0:
-            peer.left.pop(handle, None)
+            peer.left.pop(handle.request_id, None)
             if handle.op == "write":
                 self._send_notify(peer, handle)
         else:
-            peer.left[handle] = left
+            peer.left[handle.request_id] = left
         events.append((handle.chunk_done, chunk))
+
+    def _post_ready(self, peer: _NixlPeer, events: list[tuple]) -> None:
+        """Post what the queue lets go now (active handles only). Locked."""
+        while peer.alive:
+            nxt = peer.queue.next(_key)
+            if nxt is None:
+                return
+            handle, chunk, _ = nxt
+            key = (handle.request_id, _key(chunk))
+            if chunk is None:  # a write of no blocks: just the message
+                peer.queue.finish(*key)
+                peer.left.pop(handle.request_id, None)
+                try:
+                    self._send_notify(peer, handle)
+                except Exception as exc:  # noqa: BLE001
+                    events.append((handle.fail, PeerUnreachable(
+                        f"NIXL could not send a notification to {peer.name!r}: {exc}")))
+                    continue
+                events.append((handle.message_done,))
+                continue
+            memory = self._memory
+            assert memory is not None
+            try:
+                xfer = self._agent.make_prepped_xfer(
+                    "READ" if handle.op == "read" else "WRITE",
+                    self._local, chunk_indices(chunk, memory.num_parts, memory.num_blocks, 0),
+                    peer.dlist, chunk_indices(chunk, memory.num_parts, peer.num_blocks, 1))
+            except Exception as exc:  # noqa: BLE001 - this request's blocks, not the link
+                peer.queue.finish(*key)
+                events.append((handle.fail, TransferFailed(
+                    f"NIXL refused chunk {chunk.index} of {handle.op} #{handle.request_id}: "
+                    f"{exc}", peer=peer.name, request_id=handle.request_id, cause=exc)))
+                continue
+            peer.xfers[key] = xfer
+            try:
+                state = self._agent.transfer(xfer)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("posting to %r: %s", peer.name, exc)
+                state = "ERR"
+            if state == "ERR":  # stays in xfers until it settles (at once, normally)
+                err = PeerUnreachable(f"NIXL refused to post chunk {chunk.index} to "
+                                      f"{peer.name!r}")
+                events.append((self._fail_all, self._kill(peer, err)))
 
     def _send_notify(self, peer: _NixlPeer, handle: TransferHandle) -> None:
         if handle.notify:
