@@ -7,8 +7,9 @@ UCX plugin) once and prepares the local descriptor list once: one strided row pe
 region, indexed by flat block number ``r * num_blocks + b`` (see
 :mod:`.nixl_descriptors`). ``backend_metadata()`` carries the NIXL agent metadata plus
 our region table, so ``connect`` prepares the peer's list the same way: O(regions),
-whatever the block count. ``connect`` then asks NIXL to make the connection and sends
-a hello notification, so the UCX endpoint is wired up before the first transfer.
+whatever the block count. ``connect`` then makes the NIXL connection and reads the
+peer's first block into a small private scratch buffer (never engine memory), waiting
+for it: the UCX endpoint is wired up and proven before the first transfer.
 
 A chunk (layers x runs) becomes one ``make_prepped_xfer`` over the matching local and
 remote indices; NIXL merges indices contiguous on both sides, so a run of blocks in a
@@ -54,6 +55,9 @@ import time
 from collections import deque
 from typing import Any, Optional
 
+import numpy as np
+import torch
+
 from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreachable,
                       RemoteProtocolError, TransferFailed)
 from ..handle import TransferHandle
@@ -66,7 +70,6 @@ from .nixl_descriptors import chunk_indices, region_table, strided_rows
 log = logging.getLogger("kvxfer.nixl")
 
 NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
-HELLO = b"KVXH"  # sent by connect to wire the endpoint up; dropped by the receiver
 IDLE_POLL = 0.002  # seconds between notification polls while nothing is in flight
 QUIESCE_BOUND = 5.0  # seconds quiesce waits for posted xfers before breaking the link
 MAX_INDEX = (1 << 31) - 1  # NIXL takes descriptor indices as C ints
@@ -139,9 +142,11 @@ class NixlBackend(Backend):
         self._device = 0
         self._reg: Any = None  # registered descriptor list, None once deregistered
         self._local: Any = None  # prepared local descriptor list
+        self._scratch: Any = None  # (tensor, registration, dlist): connect's warm-up read
         self._peers: list[_NixlPeer] = []  # live ones, and dead ones until retired
         self._connecting: dict[str, threading.Lock] = {}  # one connect per name at a time
         self._thread: Optional[threading.Thread] = None
+        self._stuck: list[Any] = []  # warm-up xfers that never settled (into scratch only)
 
     # ------------------------------------------------------------- lifecycle
     def start(self, memory: RegisteredMemory, notify: NotifySink) -> None:
@@ -162,6 +167,11 @@ class NixlBackend(Backend):
         self._reg = self._agent.register_memory(list(storages.values()), self._mem_type)
         self._local = self._agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", strided_rows(region_table(memory), self._device), self._mem_type)
+        scratch = torch.empty(memory.layout.regions[0].block_bytes, dtype=torch.uint8)
+        row = [[scratch.data_ptr(), scratch.nbytes, 0, scratch.nbytes, 1]]
+        self._scratch = (scratch, self._agent.register_memory(
+            [(scratch.data_ptr(), scratch.nbytes, 0, "")], "DRAM"),
+            self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", np.asarray(row, np.uint64), "DRAM"))
         self._thread = threading.Thread(target=self._poll_loop, daemon=True,
                                         name=f"kvxfer-nixl-poll[{self.agent_name}]")
         self._thread.start()
@@ -226,7 +236,7 @@ class NixlBackend(Backend):
                 dlist = self._agent.prep_xfer_dlist(nixl_name, strided_rows(table, device),
                                                     mem_type)
                 self._agent.make_connection(nixl_name)
-                self._agent.send_notif(nixl_name, HELLO)  # wires the endpoint up now
+                self._warm_up(nixl_name, dlist)
             except Exception as exc:  # noqa: BLE001 - nixl raises its own types
                 if nixl_name is not None:
                     self._remove_remote(nixl_name)
@@ -235,6 +245,21 @@ class NixlBackend(Backend):
                              peer.descriptor.num_blocks, self.config.max_inflight)
             self._peers.append(conn)
             return conn
+
+    def _warm_up(self, nixl_name: str, dlist: Any) -> None:
+        """Read the peer's block 0 of region 0 into our scratch buffer and wait: UCX wires
+        the endpoint up on its first operation, which then is not a transfer's. Locked."""
+        xfer = self._agent.make_prepped_xfer("READ", self._scratch[2], [0], dlist, [0])
+        state = self._agent.transfer(xfer)
+        limit = time.monotonic() + self.config.connect_timeout
+        while state == "PROC" and time.monotonic() < limit:
+            state = self._agent.check_xfer_state(xfer)
+        if state == "PROC":  # lands in scratch only, which is never freed before close
+            self._stuck.append(xfer)
+        else:
+            self._release_xfer(xfer)
+        if state != "DONE":
+            raise PeerUnreachable(f"a first read of {nixl_name!r} did not complete ({state})")
 
     def disconnect(self, peer: BackendPeer, why: BaseException) -> None:
         assert isinstance(peer, _NixlPeer)
@@ -264,6 +289,8 @@ class NixlBackend(Backend):
                 self._retire(peer)
             if self._agent is not None:
                 self._local.release()
+                self._scratch[2].release()
+                self._agent.deregister_memory(self._scratch[1])
                 self._agent.deregister_memory(self._reg)
                 self._reg = None
                 self._agent = None  # the NIXL agent goes with its last reference
