@@ -13,17 +13,30 @@ waiter sees the failure no further byte of the transfer touches the engine's blo
 is not free within ``ABORT_AFTER`` seconds, a backend call is stuck (a dead link): the
 handle calls the backend's ``abort`` hook, which breaks the connection so the call
 returns at once.
+
+One-sided backends post operations that the NIC carries out with no call of ours in
+progress. For them ``fail`` then calls the backend's ``quiesce`` hook, which returns
+only once every operation posted for this transfer has finished or failed (bounded:
+past its bound the backend breaks the connection, which ends them). So "once ``fail`` or
+``cancel`` returns, nothing touches the transfer's blocks" holds over every backend.
+
+Done-callbacks run on whichever thread finished the transfer (usually a backend's). One
+that raises is logged with the request id and changes nothing else: the backend thread
+and every other transfer on the connection carry on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from typing import Any, Callable, Generator, Sequence
 
 from .errors import TransferFailed, TransferTimeout
 from .plan import Chunk
+
+log = logging.getLogger("kvxfer.handle")
 
 PENDING, DONE, FAILED, CANCELLED = "pending", "done", "failed", "cancelled"
 ABORT_AFTER = 0.5  # seconds a failure waits for a backend call before aborting it
@@ -44,11 +57,15 @@ class TransferHandle:
         self.nbytes = sum(c.nbytes for c in chunks)
         self.data_lock = threading.Lock()  # held by a backend per call touching local blocks
         self.abort: Callable[[], None] | None = None  # set by the backend: break a stuck call
+        # Set by a one-sided backend: returns once nothing it posted for this transfer
+        # can touch local memory (see the module docstring). Called by fail(), unlocked.
+        self.quiesce: Callable[["TransferHandle"], None] | None = None
         self._cond = threading.Condition()
         self._state = PENDING
         self._error: TransferFailed | None = None
         self._failing: tuple[str, TransferFailed] | None = None  # set by the first fail()
         self._chunks_left = len(chunks)
+        self._messages_left = 0  # see expect_message()
         self._layer_left = dict.fromkeys(self.layers, 0)
         for chunk in chunks:
             for layer in chunk.layers:
@@ -60,18 +77,24 @@ class TransferHandle:
     # -------------------------------------------------------- backend-facing
     @property
     def active(self) -> bool:
-        """Still pending: a backend should keep working on it."""
-        return self._state == PENDING
+        """Still pending and not being failed: a backend should keep working on it."""
+        return self._state == PENDING and self._failing is None
+
+    def expect_message(self) -> None:
+        """The backend will also report one :meth:`message_done` (a write's notify sent
+        as a message of its own): the transfer is done only once it has come too."""
+        with self._cond:
+            self._messages_left += 1
 
     def chunk_done(self, chunk: Chunk) -> None:
         """A chunk has landed (read) or been acknowledged by the peer (write)."""
         with self._cond:
-            if self._state != PENDING:
+            if not self.active:  # done, failed, or being failed: nothing more counts
                 return
             for layer in chunk.layers:
                 self._layer_left[layer] -= 1
             self._chunks_left -= 1
-            finished = self._chunks_left <= 0
+            finished = self._chunks_left <= 0 and self._messages_left <= 0
             if finished:
                 self._state = DONE
             self._cond.notify_all()
@@ -79,13 +102,17 @@ class TransferHandle:
             self._run_callbacks()
 
     def message_done(self) -> None:
-        """A chunk-less write (notification only) was acknowledged."""
+        """A write's notify message (or a chunk-less write) was acknowledged."""
         with self._cond:
-            if self._state != PENDING:
+            if not self.active:  # done, failed, or being failed: nothing more counts
                 return
-            self._state = DONE
-            self._cond.notify_all()
-        self._run_callbacks()
+            self._messages_left -= 1
+            finished = self._chunks_left <= 0 and self._messages_left <= 0
+            if finished:
+                self._state = DONE
+                self._cond.notify_all()
+        if finished:
+            self._run_callbacks()
 
     def fail(self, exc: BaseException, state: str = FAILED) -> bool:
         """Fail the transfer with ``exc`` (wrapped in TransferFailed); first call wins.
@@ -101,15 +128,18 @@ class TransferHandle:
                 return False
             if self._failing is None:  # the first caller names the cause, whoever locks first
                 self._failing = (state, exc)
+        # From here ``active`` is False: no backend call that moves this transfer's
+        # bytes starts any more. Wait for the one in progress, then for what a one-sided
+        # backend posted, and only then let waiters see the failure.
         self._lock_data()
-        try:
-            with self._cond:
-                if self._state != PENDING:
-                    return False
-                self._state, self._error = self._failing
-                self._cond.notify_all()
-        finally:
-            self.data_lock.release()
+        self.data_lock.release()
+        if self.quiesce is not None:
+            self.quiesce(self)
+        with self._cond:
+            if self._state != PENDING:
+                return False
+            self._state, self._error = self._failing
+            self._cond.notify_all()
         self._run_callbacks()
         return True
 
@@ -130,7 +160,14 @@ class TransferHandle:
         with self._cond:
             callbacks, self._callbacks = self._callbacks, []
         for cb in callbacks:
+            self._call(cb)
+
+    def _call(self, cb: Callable[["TransferHandle"], Any]) -> None:
+        try:
             cb(self)
+        except Exception:  # noqa: BLE001 - the engine's error, not the transfer's
+            log.exception("done-callback %r of %s #%d with %r raised; ignored", cb, self.op,
+                          self.request_id, self.peer)
 
     # ----------------------------------------------------------- public API
     @property
@@ -210,14 +247,19 @@ class TransferHandle:
             if self._state == PENDING:
                 self._callbacks.append(fn)
                 return
-        fn(self)
+        self._call(fn)
 
     def __await__(self) -> Generator[Any, None, None]:
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[None] = loop.create_future()
 
         def wake(_: "TransferHandle") -> None:
-            loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            if loop.is_closed():  # the awaiting task is gone (asyncio.run ended, say)
+                return
+            try:
+                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
 
         self.add_done_callback(wake)
         yield from fut.__await__()

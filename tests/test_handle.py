@@ -80,7 +80,8 @@ def test_cancel_waits_for_bytes_in_flight():
     t = threading.Thread(target=cancel)
     t.start()
     time.sleep(0.05)
-    assert landed == [] and h.active  # cancel waits for the chunk
+    assert landed == [] and h.status == "pending"  # cancel waits for the chunk ...
+    assert not h.active  # ... and no new backend call may start meanwhile
     h.data_lock.release()
     t.join(5)
     assert landed == [True] and h.status == "cancelled" and not h.active
@@ -157,3 +158,65 @@ def test_the_first_failure_names_the_cause_even_if_it_locks_last():
     first.join(5)
     second.join(5)
     assert isinstance(h.error, TransferTimeout)
+
+
+def test_a_raising_callback_is_logged_and_changes_nothing(caplog):
+    h = handle()
+    seen = []
+    h.add_done_callback(lambda _: 1 / 0)
+    h.add_done_callback(lambda x: seen.append(x.status))
+    for c in h.chunks:
+        h.chunk_done(c)  # a backend thread: must not see the ZeroDivisionError
+    assert h.status == "done" and seen == ["done"]
+    assert "ZeroDivisionError" in caplog.text and f"#{h.request_id}" in caplog.text
+    h.add_done_callback(lambda _: 1 / 0)  # already done: called at once, still isolated
+
+
+def test_await_after_the_loop_closed_is_tolerated():
+    h = handle()
+
+    async def give_up():
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(h, 0.01)
+
+    asyncio.run(give_up())  # the loop is closed now; its wake-up callback stays behind
+    for c in h.chunks:
+        h.chunk_done(c)  # completes on a closed loop: no "Event loop is closed"
+    assert h.status == "done"
+
+
+def test_fail_waits_for_quiesce_before_waiters_see_it():
+    h = handle()
+    order = []
+
+    def quiesce(x):
+        assert x is h and not x.active and x.status == "pending"
+        order.append("quiesced")
+
+    h.quiesce = quiesce
+    h.add_done_callback(lambda x: order.append(x.status))
+    assert h.cancel()
+    assert order == ["quiesced", "cancelled"]
+
+
+def test_no_chunk_counts_once_a_failure_began():
+    h = handle()
+    h.data_lock.acquire()
+    t = threading.Thread(target=h.cancel)
+    t.start()
+    time.sleep(0.05)
+    for c in h.chunks:
+        h.chunk_done(c)  # a half-drained chunk must not complete the transfer
+    h.data_lock.release()
+    t.join(5)
+    assert h.status == "cancelled"
+
+
+def test_a_notify_message_is_awaited_after_the_chunks():
+    h = handle()
+    h.expect_message()
+    for c in h.chunks:
+        h.chunk_done(c)
+    assert h.status == "pending"
+    h.message_done()
+    assert h.status == "done"

@@ -12,6 +12,16 @@ deadlines. A backend:
 - ``connect``s to a peer described by a :class:`PeerInfo` (one connection per peer,
   reused for every request) and ``submit``s handles to it, reporting each chunk with
   ``handle.chunk_done`` or the whole with ``handle.fail``;
+- ``quiesce``s a failed or cancelled transfer: returns only once nothing the backend
+  started for it can touch local memory any more (the Agent makes every handle's
+  ``fail`` call it, so ``cancel`` and deadline failures keep that promise whatever the
+  transport). Two-sided backends get this from the handle's ``data_lock``; one-sided
+  ones wait, with a bound, for the operations they posted to finish or fail;
+- keep one transfer's failure its own: a refused request, a cancelled one or a
+  callback that raises leaves the other transfers to that peer running; only a dead
+  connection fails them all, and it is then closed and freed;
+- ``disconnect`` a peer it no longer needs (a peer re-added after a restart replaces
+  its predecessor), failing that connection's transfers and freeing everything of it;
 - ``close``s idempotently, failing what is pending and joining its threads.
 """
 
@@ -86,6 +96,15 @@ class Backend(ABC):
 
     @abstractmethod
     def submit(self, peer: BackendPeer, handle: TransferHandle) -> None: ...
+
+    @abstractmethod
+    def quiesce(self, handle: TransferHandle) -> None:
+        """Return once nothing started for ``handle`` (no longer active) can touch local
+        memory; called by ``handle.fail`` from any thread, never under a backend lock."""
+
+    @abstractmethod
+    def disconnect(self, peer: BackendPeer, why: BaseException) -> None:
+        """Fail the connection's transfers with ``why`` and free all of it. Idempotent."""
 
     @abstractmethod
     def close(self) -> None: ...
