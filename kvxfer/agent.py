@@ -19,7 +19,7 @@ from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolErr
 from .handle import TransferHandle
 from .layout import KVLayout, LayoutDescriptor
 from .memory import RegisteredMemory
-from .plan import chunk_size, merge_runs, plan_chunks
+from .plan import MAX_CHUNK_BYTES, chunk_size, merge_runs, plan_chunks
 
 METADATA_MAGIC = b"KVXM1"
 MAX_NOTIFY = 64 << 10
@@ -29,11 +29,12 @@ WATCHDOG_PERIOD = 0.05
 class Peer:
     """A remote agent this agent can read from and write to (from :meth:`Agent.add_peer`)."""
 
-    def __init__(self, info: PeerInfo, conn: BackendPeer) -> None:
+    def __init__(self, info: PeerInfo, conn: BackendPeer, metadata: bytes) -> None:
         self.name = info.name
         self.address = info.address
         self.descriptor: LayoutDescriptor = info.descriptor
         self._conn = conn
+        self._metadata = metadata  # what it was added with: the same bytes reuse it
 
     @property
     def alive(self) -> bool:
@@ -95,6 +96,8 @@ class Agent:
         if max_unread_notify_bytes < MAX_NOTIFY:
             raise ValueError(f"max_unread_notify_bytes must be at least one notify "
                              f"({MAX_NOTIFY}), got {max_unread_notify_bytes}")
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
         if transfer_timeout <= 0:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
@@ -108,6 +111,7 @@ class Agent:
         self._layout: KVLayout | None = None
         self._memory: RegisteredMemory | None = None
         self._peers: dict[str, Peer] = {}
+        self._adding: dict[str, threading.Lock] = {}  # add_peer of one name at a time
         self._notes: list[tuple[str, bytes]] = []
         self._notes_bytes = 0
         self.max_unread_notify_bytes = max_unread_notify_bytes
@@ -190,6 +194,11 @@ class Agent:
     def add_peer(self, metadata: bytes) -> Peer:
         """Connect to the agent whose :meth:`metadata` this is.
 
+        Adding the same metadata again returns the same Peer while its connection is up.
+        Other metadata under a known name (the peer restarted) replaces the old
+        connection: its transfers fail with PeerUnreachable, it is closed and freed, and
+        the old Peer object refuses new transfers. Safe to call from several threads.
+
         Raises:
             RemoteProtocolError: malformed metadata.
             LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field).
@@ -204,12 +213,24 @@ class Agent:
                                   f"this agent {self.backend_name!r}")
         self.layout.descriptor.check_compatible(info.descriptor)
         with self._lock:
-            existing = self._peers.get(info.name)
-            if existing is not None and existing.alive and existing.address == info.address:
+            adding = self._adding.setdefault(info.name, threading.Lock())
+        with adding:  # one connection per name, however many threads add it at once
+            with self._lock:
+                existing = self._peers.get(info.name)
+            if existing is not None and existing.alive and existing._metadata == metadata:
                 return existing
-        peer = Peer(info, self.backend.connect(info))
-        with self._lock:
-            self._peers[info.name] = peer
+            peer = Peer(info, self.backend.connect(info), metadata)
+            with self._lock:
+                closed = self._closed
+                if not closed:
+                    self._peers[info.name] = peer
+            if closed:
+                self.backend.disconnect(peer._conn, AgentClosed(f"agent {self.name!r} closed"))
+                raise AgentClosed(f"agent {self.name!r} is closed")
+            if existing is not None:  # a restarted peer (or a dead link) replaces the old
+                self.backend.disconnect(existing._conn, PeerUnreachable(
+                    f"peer {info.name!r} was added again (restarted at {info.address}); "
+                    "this connection to its predecessor is closed"))
         return peer
 
     @property
@@ -269,14 +290,23 @@ class Agent:
         self._check_open()
         layout, memory = self.layout, self._memory
         assert memory is not None
-        if not isinstance(peer, Peer) or self._peers.get(peer.name) is not peer:
+        if not isinstance(peer, Peer):
             raise ValueError(f"{peer!r} is not a peer of agent {self.name!r}")
+        current = self._peers.get(peer.name)
+        if current is not peer:
+            if current is None:
+                raise ValueError(f"{peer!r} is not a peer of agent {self.name!r}")
+            raise PeerUnreachable(f"peer {peer.name!r} was added again since this Peer was "
+                                  "made: use the Peer add_peer returned last")
         runs = merge_runs(local, remote)
         layout.check_blocks(lo + n - 1 for lo, _, n in runs)
-        targets = local if op == "read" else remote
-        if len(set(targets)) != len(targets):
-            side = "local" if op == "read" else "remote"
-            raise ValueError(f"{op} names a {side} destination block more than once")
+        # A destination block named twice is ambiguous; the peer refuses to serve any of
+        # its blocks twice in one chunk (bounded work), so say so before sending. Only a
+        # write's local sources may repeat (packed on this side).
+        checks = [("remote", remote)] + ([("local", local)] if op == "read" else [])
+        for side, ids in checks:
+            if len(set(ids)) != len(ids):
+                raise ValueError(f"{op} names a {side} block more than once")
         layer_list = layout.normalize_layers(layers)
         total = sum(n for _, _, n in runs) * memory.layer_block_bytes * len(layer_list)
         size = chunk_size(total, self.config.chunk_bytes, self.config.max_inflight)
@@ -289,6 +319,7 @@ class Agent:
         with self._lock:
             self._check_open()
             self._pending.add(handle)
+        handle.quiesce = self.backend.quiesce
         handle.add_done_callback(self._forget)
         self.backend.submit(peer._conn, handle)
         return handle

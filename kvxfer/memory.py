@@ -18,12 +18,15 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from .errors import BlockOutOfRange, LayoutMismatch
 from .layout import KVLayout, LayoutDescriptor
+from .plan import MAX_CHUNK_BYTES
 
 Runs = Sequence[tuple[int, int]]  # (first block, count)
+SCATTER_MIN = 16 << 10  # host pieces smaller than this on average: gather instead
 
 
 class RegisteredMemory:
@@ -45,6 +48,8 @@ class RegisteredMemory:
         self.descriptor_bytes = layout.descriptor.to_bytes()
         self.is_host = layout.device.type == "cpu"
         self.staged = staged or not self.is_host
+        # Every region stores its blocks back to back: a run of blocks is one buffer.
+        self.dense = all(r.block_stride == r.block_bytes for r in layout.regions)
         # Host regions: a flat byte view of each region's storage and the offset of block 0.
         self._views: list[memoryview] = []
         self._offsets: list[int] = []
@@ -61,8 +66,9 @@ class RegisteredMemory:
         """Validate a chunk against the layout; returns its size in bytes.
 
         Raises:
-            BlockOutOfRange: a layer or block is outside the layout, or layers are not
-                strictly ascending.
+            BlockOutOfRange: a layer or block is outside the layout, layers are not
+                strictly ascending, a block is named twice (overlapping runs), or the
+                chunk is larger than one frame may carry. Checked before any work.
         """
         prev = -1
         for layer in layers:
@@ -76,7 +82,19 @@ class RegisteredMemory:
                 raise BlockOutOfRange(f"blocks [{start}, {start + count}) outside the "
                                       f"registered [0, {self.num_blocks})")
             blocks += count
-        return blocks * self.layer_block_bytes * len(layers)
+        if blocks > self.num_blocks:  # cheap bound first: at most the whole cache
+            raise BlockOutOfRange(f"a chunk of {blocks} blocks names some of the "
+                                  f"registered {self.num_blocks} more than once")
+        nbytes = blocks * self.layer_block_bytes * len(layers)
+        if nbytes > MAX_CHUNK_BYTES:
+            raise BlockOutOfRange(f"a chunk of {nbytes} bytes exceeds the limit of "
+                                  f"{MAX_CHUNK_BYTES} per chunk")
+        end = -1
+        for start, count in sorted(runs):
+            if start < end:
+                raise BlockOutOfRange(f"block {start} is named more than once in one chunk")
+            end = start + count
+        return nbytes
 
     def check_peer(self, raw_descriptor: bytes) -> LayoutDescriptor:
         """Decode a peer's layout descriptor and check it can exchange blocks with ours.
@@ -87,6 +105,18 @@ class RegisteredMemory:
         theirs = LayoutDescriptor.from_bytes(raw_descriptor)
         self.layout.descriptor.check_compatible(theirs)
         return theirs
+
+    def stages(self, runs: Runs) -> bool:
+        """Whether a chunk goes through a contiguous staging buffer rather than
+        scatter-gather I/O: always when ``staged`` (CUDA memory, UCX), and for host
+        memory when its pieces would average under ``SCATTER_MIN`` bytes (SGLang's page
+        size 1, scattered slots), where one Python view per piece costs more than a
+        gather by the packing code."""
+        if self.staged:
+            return True
+        blocks = sum(n for _, n in runs)
+        pieces = len(runs) if self.dense else blocks
+        return blocks * self.block_bytes < SCATTER_MIN * pieces
 
     # ---------------------------------------------------------- host (zero copy)
     def host_buffers(self, layers: Sequence[int], runs: Runs) -> list[memoryview]:
@@ -110,7 +140,12 @@ class RegisteredMemory:
     # ------------------------------------------------------------------ staged
     @staticmethod
     def _block_ids(runs: Runs) -> torch.Tensor:
-        return torch.cat([torch.arange(s, s + n, dtype=torch.int64) for s, n in runs])
+        """The runs' block ids in order, without a Python step per block or run."""
+        table = np.asarray(runs, dtype=np.int64).reshape(-1, 2)
+        starts, counts = table[:, 0], table[:, 1]
+        first = np.cumsum(counts) - counts  # where each run begins among the ids
+        ids = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - first, counts)
+        return torch.from_numpy(ids)
 
     def pack_into(self, layers: Sequence[int], runs: Runs, out: torch.Tensor) -> None:
         """Copy the chunk into the contiguous uint8 tensor ``out`` (its first bytes)."""
@@ -122,13 +157,17 @@ class RegisteredMemory:
 
     def _stage(self, layers: Sequence[int], runs: Runs, packed: torch.Tensor,
                into_blocks: bool) -> None:
-        """Blocks <-> a packed chunk. Host blocks and a host chunk: one memcpy per
-        contiguous run (the same bytes as the packing module's, without a torch call per
-        region, which costs more than the copy when a chunk holds few blocks). CUDA
-        blocks: the packing kernel, waited for before the chunk is read or reused."""
+        """Blocks <-> a packed chunk. Host blocks in long runs: one memcpy per run (the
+        same bytes as the packing module's, without a torch call per region, which
+        costs more than the copy when a chunk holds few blocks). Scattered host blocks:
+        the packing module's gather (one index_select per region, no Python per
+        block). CUDA blocks: the packing kernel, waited for before the chunk is read or
+        reused."""
         if not runs:  # a write of no blocks (a notify alone) moves nothing
             return
-        if self.is_host and packed.device.type == "cpu":
+        few_pieces = self.dense and len(runs) * SCATTER_MIN <= sum(n for _, n in runs) * \
+            self.block_bytes
+        if self.is_host and packed.device.type == "cpu" and few_pieces:
             buf = memoryview(packed.numpy()).cast("B")
             off = 0
             for view in self.host_buffers(layers, runs):

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .errors import BlockOutOfRange
+from .protocol.frames import MAX_PAYLOAD as MAX_CHUNK_BYTES
 
 Run = tuple[int, int, int]  # (local_start, remote_start, count)
 MAX_RUNS_PER_CHUNK = 65536  # keeps a frame body under 1 MiB

@@ -50,9 +50,9 @@ def test_agent_misuse_is_refused_clearly():
         assert a.add_peer(b.metadata()) is peer  # one connection per peer
         with pytest.raises(ValueError, match="not a peer"):
             b.read(peer, [0], [0])
-        with pytest.raises(ValueError, match="local destination block more than once"):
+        with pytest.raises(ValueError, match="local block more than once"):
             a.read(peer, [1, 2], [3, 3])
-        with pytest.raises(ValueError, match="remote destination block more than once"):
+        with pytest.raises(ValueError, match="remote block more than once"):
             a.write(peer, [1, 2], [0, 0])
         a.write(peer, [1, 1], [2, 3]).wait(5)  # one source block to two places is fine
         with pytest.raises(ValueError, match="exceeds 65536"):

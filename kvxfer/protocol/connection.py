@@ -56,7 +56,7 @@ class PayloadData:
 Event = Union[F.Frame, PayloadData, _Sentinel]
 
 DEFAULT_MAX_BODY = 4 << 20  # 4 MiB: half a million runs
-DEFAULT_MAX_PAYLOAD = 1 << 30  # 1 GiB per chunk; real chunks are a few MiB
+DEFAULT_MAX_PAYLOAD = F.MAX_PAYLOAD  # per chunk; real chunks are a few MiB
 
 
 def _nbytes(buf: object) -> int:

@@ -55,6 +55,10 @@ _ERR = struct.Struct("!QIHH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 MAX_NAME = 1024
+# Largest payload of one frame (one chunk). A receiver refuses a larger frame, or a READ
+# that would need a larger answer, before it allocates anything; senders plan chunks
+# below it.
+MAX_PAYLOAD = 256 << 20
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,254 @@
+"""ClientSide: our connection to one peer of a two-sided backend.
+
+Theory of operation
+-------------------
+Two owned threads per connection; the reader never sends and the sender never reads, so
+no two threads can wait on each other through full transport buffers::
+
+    submit(handle) -> ChunkQueue (round-robin, <= max_inflight posted)
+    sender thread:  READ(req, chunk, layers, runs)            ---->  peer's ServerSide
+                    WRITE(req, chunk, ...) + payload           ---->
+                    WRITE(req, last, notify) (a write's notify) --->
+    reader thread:  DATA + payload -> the blocks (or drained)  <----
+                    COMPLETION | ERROR(req, chunk, why)        <----
+
+- A write's notify goes as a frame of its own after the write's last chunk, so a write
+  abandoned in the middle of a frame (cancelled, past its deadline) never delivers it.
+- A transfer that stops being active mid-frame does not cost the connection: a
+  half-sent frame is finished with filler (no more engine bytes are read), a
+  half-received payload is drained, and the peer's answer to it is ignored. Every
+  other transfer on the connection carries on.
+- A dead channel (transport error, the peer's malformed frame) fails every transfer on
+  the connection at once; the connection is then closed and freed, by the reader
+  thread as it ends (or by ``disconnect``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Optional, Union
+
+from ..errors import AgentClosed, KvxferError, PeerUnreachable, RemoteError, RemoteProtocolError
+from ..handle import TransferHandle
+from ..memory import RegisteredMemory
+from ..plan import Chunk
+from ..protocol import CLOSED, Close, Completion, Connection, Data, Error, ReadRequest, Write
+from ..scheduler import ChunkQueue
+from .base import BackendPeer
+from .channel import Abandoned, Channel
+from .staging import Staging
+
+if TYPE_CHECKING:
+    from .twosided import TwoSidedBackend
+
+log = logging.getLogger("kvxfer.twosided")
+
+
+class Notify:
+    """The queue item of a write's notify message; it follows the write's chunks."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        self.index = index  # its chunk number on the wire: after the write's chunks
+
+
+Item = Union[Chunk, Notify]
+
+
+def _index(item: Item) -> int:
+    return item.index
+
+
+class ClientSide(BackendPeer):
+    """Our connection to one peer: a sender thread and a reader thread."""
+
+    def __init__(self, backend: "TwoSidedBackend", channel: Channel, encoder: Connection,
+                 name: str) -> None:
+        self.backend = backend
+        self.name = name
+        self.channel = channel
+        self.encoder = encoder
+        self.memory: RegisteredMemory = backend._memory  # type: ignore[assignment]
+        self._cond = threading.Condition()
+        self._chunks: ChunkQueue[Item] = ChunkQueue(backend.config.max_inflight)
+        self._dead: Optional[BaseException] = None
+        self._send_staging = Staging(self.memory, backend.staging_device)
+        self._recv_staging = Staging(self.memory, backend.staging_device)
+        tag = f"{backend.agent_name}->{name}"
+        self._sender = threading.Thread(target=self._send_loop, daemon=True,
+                                        name=f"kvxfer-{backend.name}-send[{tag}]")
+        self._reader = threading.Thread(target=self._read_loop, daemon=True,
+                                        name=f"kvxfer-{backend.name}-read[{tag}]")
+        self.threads = [self._sender, self._reader]
+
+    @property
+    def alive(self) -> bool:
+        return self._dead is None
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def submit(self, handle: TransferHandle) -> None:
+        items: list[Item] = list(handle.chunks)
+        if handle.notify or not items:  # the notify, or a write of no blocks at all
+            items.append(Notify(len(items)))
+            handle.expect_message()
+        handle.abort = self.abort
+        with self._cond:
+            if self._dead is None:
+                self._chunks.push(handle, items)
+                self._cond.notify_all()
+                return
+            dead = self._dead
+        handle.fail(PeerUnreachable(f"connection to {self.name!r} is down: {dead}"))
+
+    def abort(self) -> None:
+        """Break a send or receive stuck on this connection (a dead link): see handle.py."""
+        log.warning("aborting the connection to %r: a transfer is stuck in I/O", self.name)
+        self.channel.shutdown()
+
+    def die(self, exc: BaseException) -> None:
+        """Fail everything pending on this connection and shut its channel."""
+        with self._cond:
+            if self._dead is not None:
+                return
+            self._dead = exc
+            handles = self._chunks.clear()
+            self._cond.notify_all()
+        self.channel.shutdown()  # first: a call stuck in I/O returns and releases its lock
+        if not isinstance(exc, (KvxferError, OSError)):
+            log.error("connection to %r failed unexpectedly", self.name, exc_info=exc)
+        if not isinstance(exc, (AgentClosed, PeerUnreachable)):
+            exc = PeerUnreachable(f"connection to {self.name!r} failed: {exc}")
+        for handle in handles:
+            handle.fail(exc)
+
+    def join(self, timeout: float = 10) -> None:
+        """Wait for both threads to end (after ``die``), then free the connection."""
+        for t in self.threads:
+            if t is not threading.current_thread() and t.ident is not None:
+                t.join(timeout)
+        self._free()
+
+    def _free(self) -> None:
+        self.channel.close()
+        self._send_staging.release()
+        self._recv_staging.release()
+        self.backend._forget_client(self)
+
+    # ----------------------------------------------------------------- sending
+    def _next(self) -> Optional[tuple[TransferHandle, Item, bool]]:
+        with self._cond:
+            while True:
+                if self._dead is not None:
+                    return None
+                item = self._chunks.next(_index)
+                if item is not None:
+                    return item
+                self._cond.wait()
+
+    def _finish(self, request_id: int, chunk: int) -> tuple[TransferHandle, Item]:
+        with self._cond:
+            entry = self._chunks.finish(request_id, chunk)
+            self._cond.notify_all()
+        if entry is None:
+            raise RemoteProtocolError(f"answer for unknown request {request_id} chunk {chunk}")
+        return entry
+
+    def _send_loop(self) -> None:
+        try:
+            while (item := self._next()) is not None:
+                handle, chunk, last = item
+                try:
+                    self._send_item(handle, chunk)
+                except Abandoned as exc:
+                    if not exc.sent:  # never went out: no answer will come
+                        self._finish(handle.request_id, chunk.index)
+        except BaseException as exc:  # noqa: BLE001 - any failure ends this connection
+            self.die(exc)
+
+    def _send_item(self, handle: TransferHandle, item: Item) -> None:
+        """Send one chunk's frame; a write's payload is read from engine memory only
+        while the handle is active (so a failed or cancelled write stops reading it)."""
+        rid = handle.request_id
+        if isinstance(item, Notify):
+            if not handle.active:
+                raise Abandoned(0)
+            self.channel.send(self.encoder.send(Write(rid, item.index, (), (), 0, True,
+                                                      handle.notify)))
+            return
+        if handle.op == "read":
+            self.channel.send(self.encoder.send(ReadRequest(rid, item.index, item.layers,
+                                                            item.remote_runs)))
+            return
+        frame = Write(rid, item.index, item.layers, item.remote_runs, item.nbytes, False, b"")
+        if not self.memory.stages(item.local_runs):
+            payload = self.memory.host_buffers(item.layers, item.local_runs)
+            self.channel.send(self.encoder.send(frame, payload), guard=handle)
+            return
+        tensor, view = self._send_staging.get(item.nbytes)
+        with handle.data_lock:
+            if not handle.active:
+                raise Abandoned(0)
+            self.memory.pack_into(item.layers, item.local_runs, tensor)
+            self._send_staging.ready()
+        self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard needed
+
+    # ----------------------------------------------------------------- reading
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                ev = self.channel.next_event()
+                if ev is CLOSED or isinstance(ev, Close):
+                    raise PeerUnreachable(f"peer {self.name!r} closed the connection")
+                if isinstance(ev, Data):
+                    self._on_data(ev)
+                elif isinstance(ev, Completion):
+                    handle, item = self._finish(ev.request_id, ev.chunk)
+                    if isinstance(item, Notify):
+                        handle.message_done()
+                    else:
+                        handle.chunk_done(item)
+                elif isinstance(ev, Error):
+                    if ev.request_id == 0:
+                        raise RemoteError(f"peer {self.name!r} failed the connection: "
+                                          f"{ev.message}", ev.code)
+                    handle, _ = self._finish(ev.request_id, ev.chunk)
+                    handle.fail(RemoteError(f"peer {self.name!r} refused: {ev.message}", ev.code))
+                else:
+                    raise RemoteProtocolError(f"unexpected {type(ev).__name__} from a server")
+        except BaseException as exc:  # noqa: BLE001 - any failure ends this connection
+            self.die(exc)
+        finally:
+            if self._sender.ident is not None:
+                self._sender.join(10)
+            self._free()
+
+    def _on_data(self, d: Data) -> None:
+        with self._cond:
+            entry = self._chunks.posted(d.request_id, d.chunk)
+        if entry is None or not isinstance(entry[1], Chunk):
+            raise RemoteProtocolError(f"DATA for unknown request {d.request_id} chunk {d.chunk}")
+        handle, chunk = entry
+        if d.payload_len != chunk.nbytes:
+            raise RemoteProtocolError(f"DATA of {d.payload_len} bytes for a chunk of "
+                                      f"{chunk.nbytes}")
+        if not handle.active:
+            self.channel.drain_payload()
+            placed = False
+        elif self.memory.stages(chunk.local_runs):  # the payload lands in our own buffer
+            tensor, view = self._recv_staging.get(chunk.nbytes)
+            self.channel.recv_payload([view])
+            with handle.data_lock:  # cancel() and deadlines wait for the unpack
+                placed = handle.active
+                if placed:
+                    self.memory.unpack_from(chunk.layers, chunk.local_runs, tensor)
+        else:  # straight into the blocks, each transport call under the handle's lock
+            placed = self.channel.recv_payload(
+                self.memory.host_buffers(chunk.layers, chunk.local_runs), guard=handle)
+        self._finish(d.request_id, d.chunk)
+        if placed:
+            handle.chunk_done(chunk)

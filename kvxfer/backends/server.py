@@ -1,0 +1,173 @@
+"""ServerSide: answers one peer's READ and WRITE requests on one accepted channel.
+
+Theory of operation
+-------------------
+One thread per accepted channel. After the HELLO (layouts checked) it takes frames in
+order and answers every request, each on its own::
+
+    READ(req, chunk, layers, runs)   -> check -> DATA + the blocks' bytes | ERROR
+    WRITE(req, chunk, ..., payload)  -> check -> payload into the blocks -> COMPLETION
+                                                 | drain the payload -> ERROR
+    WRITE(req, last, notify, no runs) -> deliver the notify (unless a chunk of the
+                                         request was refused) -> COMPLETION | ERROR
+
+- ``memory.check`` bounds every request before any work or allocation: layers and
+  blocks in range, no block twice, at most one frame's payload. Staging is sized by
+  that chunk, never by a request.
+- A request's failure is its own: a refused request gets an ERROR naming why, and an
+  unexpected error while serving it gets ``E_INTERNAL`` with the cause; the stream is
+  kept in step (a refused write's payload is drained) and the connection serves on.
+  Only a broken transport or a peer's malformed frame ends the connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+from ..errors import BlockOutOfRange, KvxferError, LayoutMismatch, RemoteProtocolError
+from ..memory import RegisteredMemory
+from ..protocol import (CLOSED, E_BACKLOG, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE,
+                        Close, Completion, Connection, Data, Error, Hello, ReadRequest, Write)
+from .channel import Channel
+from .staging import Staging
+
+if TYPE_CHECKING:
+    from .twosided import TwoSidedBackend
+
+log = logging.getLogger("kvxfer.twosided")
+
+MAX_REFUSED = 4096  # writes remembered as refused until their last frame comes
+
+
+class ServerSide:
+    """Serves one peer's requests on one accepted channel (its own thread)."""
+
+    def __init__(self, backend: "TwoSidedBackend", channel: Channel) -> None:
+        self.backend = backend
+        self.channel = channel
+        self.memory: RegisteredMemory = backend._memory  # type: ignore[assignment]
+        self.encoder = Connection(expect_hello=False)
+        self.staging = Staging(self.memory, backend.staging_device)
+        self.peer = "?"
+        # Writes with a refused chunk: their notify is not delivered. Bounded (oldest
+        # forgotten), since a writer that gave up never sends the last frame.
+        self.refused: OrderedDict[int, None] = OrderedDict()
+        self.thread = threading.Thread(target=self.run, daemon=True,
+                                       name=f"kvxfer-{backend.name}-serve[{backend.agent_name}]")
+
+    def send(self, frame: object, payload: tuple = ()) -> None:
+        self.channel.send(self.encoder.send(frame, payload))  # type: ignore[arg-type]
+
+    def run(self) -> None:
+        try:
+            self.channel.set_timeout(self.backend.config.connect_timeout)
+            hello = self.channel.next_event()
+            if not isinstance(hello, Hello):
+                raise RemoteProtocolError(f"expected HELLO, got {hello!r}")
+            self.peer = hello.name
+            try:
+                self.memory.check_peer(hello.descriptor)
+            except LayoutMismatch as exc:
+                log.warning("refusing peer %r: %s", self.peer, exc)
+                self.send(Error(0, 0, E_LAYOUT, str(exc)))
+                return
+            self.send(Hello(self.backend.agent_name, self.memory.descriptor_bytes))
+            self.channel.set_timeout(None)
+            self.serve()
+        except RemoteProtocolError as exc:
+            log.warning("protocol error from peer %r, closing its connection: %s", self.peer, exc)
+            try:
+                self.send(Error(0, 0, E_PROTOCOL, str(exc)))
+            except (OSError, KvxferError):
+                pass
+        except (OSError, KvxferError) as exc:
+            log.debug("connection from %r ended: %s", self.peer, exc)
+        except Exception:  # noqa: BLE001 - a bug of ours: say so, and free the channel
+            log.exception("serving peer %r failed; closing its connection", self.peer)
+        finally:
+            self.channel.shutdown()
+            self.channel.close()
+            self.staging.release()
+            self.backend._forget(self)
+
+    def serve(self) -> None:
+        while True:
+            ev = self.channel.next_event()
+            if ev is CLOSED or isinstance(ev, Close):
+                return
+            if isinstance(ev, ReadRequest):
+                self.answer(ev, self.serve_read)
+            elif isinstance(ev, Write):
+                self.answer(ev, self.serve_write)
+            else:
+                raise RemoteProtocolError(f"unexpected {type(ev).__name__} from a client")
+
+    def answer(self, req: ReadRequest | Write, serve) -> None:  # type: ignore[no-untyped-def]
+        """Serve one request; an unexpected error answers it with E_INTERNAL and the
+        connection goes on (the transport's own failures still end it)."""
+        try:
+            serve(req)
+        except (OSError, RemoteProtocolError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - answered, logged, and the peer serves on
+            log.exception("serving %s #%d chunk %d from %r failed", type(req).__name__,
+                          req.request_id, req.chunk, self.peer)
+            if isinstance(req, Write):
+                self.channel.drain_payload()  # whatever is left of it: keep in step
+                self.remember_refused(req.request_id)
+            self.send(Error(req.request_id, req.chunk, E_INTERNAL,
+                            f"internal error: {type(exc).__name__}: {exc}"))
+
+    def serve_read(self, req: ReadRequest) -> None:
+        try:
+            nbytes = self.memory.check(req.layers, req.runs)
+        except BlockOutOfRange as exc:
+            self.send(Error(req.request_id, req.chunk, E_RANGE, str(exc)))
+            return
+        if self.memory.stages(req.runs):
+            tensor, view = self.staging.get(nbytes)
+            self.memory.pack_into(req.layers, req.runs, tensor)
+            self.staging.ready()
+            payload: tuple = (view,)
+        else:
+            payload = tuple(self.memory.host_buffers(req.layers, req.runs))
+        self.send(Data(req.request_id, req.chunk, nbytes), payload)
+
+    def remember_refused(self, request_id: int) -> None:
+        self.refused[request_id] = None
+        self.refused.move_to_end(request_id)
+        while len(self.refused) > MAX_REFUSED:
+            self.refused.popitem(last=False)
+
+    def refuse_write(self, w: Write, code: int, why: str) -> None:
+        self.channel.drain_payload()  # keep the stream in step; KV memory untouched
+        self.remember_refused(w.request_id)
+        self.send(Error(w.request_id, w.chunk, code, why))
+
+    def serve_write(self, w: Write) -> None:
+        try:
+            nbytes = self.memory.check(w.layers, w.runs)
+        except BlockOutOfRange as exc:
+            return self.refuse_write(w, E_RANGE, str(exc))
+        if nbytes != w.payload_len:
+            return self.refuse_write(w, E_SIZE, f"write carries {w.payload_len} bytes for a "
+                                                f"chunk of {nbytes}")
+        if w.runs and self.memory.stages(w.runs):
+            tensor, view = self.staging.get(nbytes)
+            self.channel.recv_payload([view])
+            self.memory.unpack_from(w.layers, w.runs, tensor)
+        elif w.runs:
+            self.channel.recv_payload(self.memory.host_buffers(w.layers, w.runs))
+        if w.last:
+            refused = w.request_id in self.refused
+            self.refused.pop(w.request_id, None)
+            if w.notify and not refused and self.backend._notify is not None \
+                    and not self.backend._notify(self.peer, w.notify):
+                self.send(Error(w.request_id, w.chunk, E_BACKLOG,
+                                "the receiver's unread notifications are full; the notify "
+                                "was not delivered (it must call notifications())"))
+                return
+        self.send(Completion(w.request_id, w.chunk))
