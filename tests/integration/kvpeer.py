@@ -126,7 +126,13 @@ def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
             if cmd == "kill":  # die without closing anything, as a crashed process does
                 os.kill(os.getpid(), signal.SIGKILL)
             agent, layout = agents[args[0]]
-            if cmd == "blocks":
+            if cmd == "restart":  # a new incarnation under the same name, same blocks
+                agent.close()
+                agent = kvxfer.Agent(agent.name, **options)
+                agent.register_kv_cache(layout)
+                agents[args[0]] = (agent, layout)
+                conn.send(agent.metadata())
+            elif cmd == "blocks":
                 conn.send(block_bytes(layout, list(args[1])))
             elif cmd == "notes":
                 conn.send(agent.notifications())

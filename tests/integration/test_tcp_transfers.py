@@ -14,8 +14,8 @@ import torch
 import kvxfer
 from kvxfer.agent import decode_metadata
 from kvxfer.backends.base import parse_host_port
-from kvxfer.protocol import (E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, Connection, Error, Hello,
-                             ReadRequest, Write)
+from kvxfer.protocol import (E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, Connection,
+                             Error, Hello, ReadRequest, Write)
 
 from kvpeer import PeerProcess, Spec, block_bytes, build_layout, local_agent, random_ids
 
@@ -275,3 +275,68 @@ def test_malformed_frames_fail_only_that_connection(peers):
         agent.read(peer, [1, 2], [1, 2]).wait(10)  # our connection is unaffected
     assert peers.call("blocks", spec.key, list(range(32))) == before
     assert peers.call("notes", spec.key) == []
+
+
+def _hostile_session(agent: kvxfer.Agent) -> tuple[socket.socket, Connection, Connection]:
+    sock, conn = _raw_client(agent.metadata())
+    enc = Connection(expect_hello=False)
+    sock.sendall(enc.encode(Hello("rogue", agent.layout.descriptor.to_bytes())))
+    assert isinstance(_events(sock, conn, 1)[0], Hello)
+    return sock, conn, enc
+
+
+@pytest.mark.parametrize("staged", [False, True], ids=["zero-copy", "staged"])
+def test_requests_are_bounded_before_any_work(monkeypatch, staged):
+    """An 800 KB READ naming one 64-block run 100,000 times once made the server build a
+    1.5 TiB answer; a small READ on the staged path asked for 15.6 GiB of staging. Now
+    both are refused before anything is allocated, and the connection serves on."""
+    monkeypatch.setattr(kvxfer.memory, "MAX_CHUNK_BYTES", 1 << 20)  # a small frame limit
+    spec = Spec("nhd", "float32", num_blocks=2048)  # 3 layers x 2048 blocks x 1 KiB: 6 MiB
+    server, layout = local_agent(spec, seed=1, name="server", staged=staged)
+    with server:
+        sock, conn, enc = _hostile_session(server)
+        sock.sendall(enc.encode(ReadRequest(1, 0, (0,), ((0, 64),) * 100_000)))
+        sock.sendall(enc.encode(ReadRequest(2, 0, (0, 1, 2), ((0, 2048),))))  # 6 MiB > 1 MiB
+        sock.sendall(enc.encode(ReadRequest(3, 0, (0,), ((0, 8), (4, 8)))))  # overlapping runs
+        block = layout.block_bytes * 2
+        frame = Write(4, 0, (0,), ((5, 1), (5, 1)), 2 * block, True, b"twice")
+        sock.sendall(b"".join(bytes(b) for b in enc.send(frame, [b"\xee" * 2 * block])))
+        sock.sendall(enc.encode(ReadRequest(5, 0, (0,), ((3, 2),))))  # a fair request
+        answers = _events(sock, conn, 5)
+        assert [(e.request_id, e.code) for e in answers[:4]] == \
+            [(1, E_RANGE), (2, E_RANGE), (3, E_RANGE), (4, E_RANGE)]
+        assert "more than once" in answers[0].message and "limit" in answers[1].message
+        assert answers[4].request_id == 5 and answers[4].payload_len == 2 * block
+        sock.close()
+        assert server.notifications() == []
+        assert block_bytes(layout, [5]) == block_bytes(build_layout(spec, 1), [5])
+
+
+def test_an_internal_error_reaches_the_requester_and_the_connection_serves_on(monkeypatch):
+    spec = SPECS[0]
+    server, _ = local_agent(spec, seed=1, name="server")
+    client, layout = local_agent(spec, seed=2, name="client")
+    from kvxfer.memory import RegisteredMemory
+
+    def flaky(real):
+        def call(self, layers, runs, *rest):
+            if self is server._memory and tuple(runs) == ((13, 1),):
+                raise RuntimeError("simulated bug while serving block 13")
+            return real(self, layers, runs, *rest)
+        return call
+
+    for name in ("host_buffers", "pack_into", "unpack_from"):  # whichever path serves it
+        monkeypatch.setattr(RegisteredMemory, name, flaky(getattr(RegisteredMemory, name)))
+    with server, client:
+        peer = client.add_peer(server.metadata())
+        with pytest.raises(kvxfer.TransferFailed) as info:
+            client.read(peer, [13], [0]).wait(10)
+        cause = info.value.cause
+        assert isinstance(cause, kvxfer.RemoteError) and cause.code == E_INTERNAL
+        assert "simulated bug while serving block 13" in str(cause)
+        with pytest.raises(kvxfer.TransferFailed) as info:
+            client.write(peer, [1], [13], notify=b"never").wait(10)  # a write's payload too
+        assert info.value.cause.code == E_INTERNAL
+        client.read(peer, [4, 5], [4, 5]).wait(10)  # same connection, still serving
+        assert peer.alive and server.notifications() == []
+        assert block_bytes(layout, [4, 5]) == block_bytes(build_layout(spec, 1), [4, 5])
