@@ -12,7 +12,7 @@ import itertools
 import json
 import threading
 import time
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 from .backends import BackendConfig, BackendPeer, PeerInfo, get_backend
 from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolError
@@ -42,6 +42,16 @@ class Peer:
 
     def __repr__(self) -> str:
         return f"Peer({self.name!r} at {self.address}, {'up' if self.alive else 'down'})"
+
+
+def _order_stream_after(stream: Any, memory: RegisteredMemory) -> None:
+    """Make the engine's ``stream`` wait (on the GPU) for what the calling backend
+    thread queued on its own stream."""
+    import torch
+
+    done = torch.cuda.Event()
+    done.record(memory.thread_stream())
+    stream.wait_event(done)
 
 
 def decode_metadata(data: bytes) -> PeerInfo:
@@ -240,7 +250,8 @@ class Agent:
 
     # ------------------------------------------------------------ transfers
     def read(self, peer: Peer, remote_blocks: Sequence[int], local_blocks: Sequence[int],
-             layers: Iterable[int] | None = None, timeout: float | None = None) -> TransferHandle:
+             layers: Iterable[int] | None = None, timeout: float | None = None,
+             stream: Any = None) -> TransferHandle:
         """Pull the peer's blocks into ours: ``remote_blocks[i]`` -> ``local_blocks[i]``.
 
         Args:
@@ -248,6 +259,12 @@ class Agent:
             remote_blocks, local_blocks: equally long block-id lists, any order.
             layers: layer indices to move (default: all).
             timeout: the transfer's deadline in seconds (default: the agent's).
+            stream: a ``torch.cuda.Stream`` of the engine's (CUDA caches only). Before
+                the handle reports done, that stream is made to wait, on the GPU, for
+                the backend's copies into the blocks; the engine's thread never waits
+                for the device. Without it the blocks are ready for any stream once the
+                handle is done (the backend waited for its own stream, never the
+                engine's or the device).
 
         Returns:
             A TransferHandle; ``wait_layer(i)`` returns as soon as layer i has landed.
@@ -259,17 +276,23 @@ class Agent:
                 or the peer is not ours.
             AgentClosed: the agent is closed.
         """
-        return self._submit("read", peer, local_blocks, remote_blocks, layers, b"", timeout)
+        handle = self._submit("read", peer, local_blocks, remote_blocks, layers, b"", timeout,
+                              None, stream)
+        return handle
 
     def write(self, peer: Peer, local_blocks: Sequence[int], remote_blocks: Sequence[int],
               layers: Iterable[int] | None = None, notify: bytes = b"",
-              timeout: float | None = None) -> TransferHandle:
+              timeout: float | None = None, event: Any = None) -> TransferHandle:
         """Push our blocks into the peer's: ``local_blocks[i]`` -> ``remote_blocks[i]``.
 
         Args:
             notify: delivered to the peer's :meth:`notifications` once every byte of the
                 write has landed there (not delivered if any chunk was refused). A
                 write of no blocks with a notify just sends the message.
+            event: a ``torch.cuda.Event`` the engine recorded after computing the source
+                KV (or anything with a non-blocking ``query()``): no byte of the source
+                is read before it has completed. Neither this call nor a backend thread
+                blocks on it; other transfers go first meanwhile.
             others: as for :meth:`read`.
 
         Returns:
@@ -277,19 +300,27 @@ class Agent:
             which the local source blocks may be reused.
 
         Raises:
-            As for :meth:`read`; ValueError for a notify over 64 KiB.
+            As for :meth:`read`; ValueError for a notify over 64 KiB; TypeError for an
+            ``event`` without ``query()``.
         """
         notify = bytes(notify)
         if len(notify) > MAX_NOTIFY:
             raise ValueError(f"notify of {len(notify)} bytes exceeds {MAX_NOTIFY}")
-        return self._submit("write", peer, local_blocks, remote_blocks, layers, notify, timeout)
+        if event is not None and not callable(getattr(event, "query", None)):
+            raise TypeError(f"event must be a torch.cuda.Event (or have query()), got "
+                            f"{type(event).__name__}")
+        return self._submit("write", peer, local_blocks, remote_blocks, layers, notify, timeout,
+                            event, None)
 
     def _submit(self, op: str, peer: Peer, local: Sequence[int], remote: Sequence[int],
-                layers: Iterable[int] | None, notify: bytes,
-                timeout: float | None) -> TransferHandle:
+                layers: Iterable[int] | None, notify: bytes, timeout: float | None,
+                event: Any, stream: Any) -> TransferHandle:
         self._check_open()
         layout, memory = self.layout, self._memory
         assert memory is not None
+        if stream is not None and memory.is_host:
+            raise ValueError("stream= orders reads into a CUDA KV cache; this one is in host "
+                             "memory, where a done handle means the bytes are in place")
         if not isinstance(peer, Peer):
             raise ValueError(f"{peer!r} is not a peer of agent {self.name!r}")
         current = self._peers.get(peer.name)
@@ -313,7 +344,9 @@ class Agent:
         chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, size)
         deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
         handle = TransferHandle(next(self._ids), peer.name, op, layer_list, chunks, notify,
-                                deadline)
+                                deadline, source_event=event)
+        if stream is not None:
+            handle.before_done = lambda: _order_stream_after(stream, memory)
         if handle.done():
             return handle
         with self._lock:

@@ -46,7 +46,8 @@ class TransferHandle:
     """One read or write in flight. Returned by :meth:`Agent.read` / :meth:`Agent.write`."""
 
     def __init__(self, request_id: int, peer: str, op: str, layers: Sequence[int],
-                 chunks: Sequence[Chunk], notify: bytes, deadline: float) -> None:
+                 chunks: Sequence[Chunk], notify: bytes, deadline: float,
+                 source_event: Any = None) -> None:
         self.request_id = request_id
         self.peer = peer
         self.op = op  # "read" or "write"
@@ -55,11 +56,17 @@ class TransferHandle:
         self.notify = notify
         self.deadline = deadline  # time.monotonic() after which the transfer fails
         self.nbytes = sum(c.nbytes for c in chunks)
+        # A write's engine event (torch.cuda.Event, or anything with query()): no byte of
+        # the source is read before it has completed. None once it has.
+        self._source_event = source_event
         self.data_lock = threading.Lock()  # held by a backend per call touching local blocks
         self.abort: Callable[[], None] | None = None  # set by the backend: break a stuck call
         # Set by a one-sided backend: returns once nothing it posted for this transfer
         # can touch local memory (see the module docstring). Called by fail(), unlocked.
         self.quiesce: Callable[["TransferHandle"], None] | None = None
+        # Set by the Agent (read with stream=): runs on the completing thread just before
+        # the handle becomes done (the engine's stream is made to wait there).
+        self.before_done: Callable[[], None] | None = None
         self._cond = threading.Condition()
         self._state = PENDING
         self._error: TransferFailed | None = None
@@ -80,6 +87,17 @@ class TransferHandle:
         """Still pending and not being failed: a backend should keep working on it."""
         return self._state == PENDING and self._failing is None
 
+    def source_ready(self) -> bool:
+        """Whether the source blocks may be read: no event, or it has completed. Never
+        blocks (backends pass over a transfer that is not ready)."""
+        event = self._source_event
+        if event is None:
+            return True
+        if not event.query():
+            return False
+        self._source_event = None
+        return True
+
     def expect_message(self) -> None:
         """The backend will also report one :meth:`message_done` (a write's notify sent
         as a message of its own): the transfer is done only once it has come too."""
@@ -96,6 +114,8 @@ class TransferHandle:
             self._chunks_left -= 1
             finished = self._chunks_left <= 0 and self._messages_left <= 0
             if finished:
+                if self.before_done is not None:
+                    self.before_done()
                 self._state = DONE
             self._cond.notify_all()
         if finished:
@@ -109,6 +129,8 @@ class TransferHandle:
             self._messages_left -= 1
             finished = self._chunks_left <= 0 and self._messages_left <= 0
             if finished:
+                if self.before_done is not None:
+                    self.before_done()
                 self._state = DONE
                 self._cond.notify_all()
         if finished:

@@ -16,6 +16,7 @@ Wire order of a chunk: for each layer, for each part, for each run, the run's bl
 
 from __future__ import annotations
 
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -50,6 +51,7 @@ class RegisteredMemory:
         self.staged = staged or not self.is_host
         # Every region stores its blocks back to back: a run of blocks is one buffer.
         self.dense = all(r.block_stride == r.block_bytes for r in layout.regions)
+        self._local = threading.local()  # per backend thread: its CUDA stream
         # Host regions: a flat byte view of each region's storage and the offset of block 0.
         self._views: list[memoryview] = []
         self._offsets: list[int] = []
@@ -161,8 +163,8 @@ class RegisteredMemory:
         same bytes as the packing module's, without a torch call per region, which
         costs more than the copy when a chunk holds few blocks). Scattered host blocks:
         the packing module's gather (one index_select per region, no Python per
-        block). CUDA blocks: the packing kernel, waited for before the chunk is read or
-        reused."""
+        block). CUDA blocks: the packing kernel on the calling thread's own stream,
+        waited for (that stream only) before the chunk is read or the blocks used."""
         if not runs:  # a write of no blocks (a notify alone) moves nothing
             return
         few_pieces = self.dense and len(runs) * SCATTER_MIN <= sum(n for _, n in runs) * \
@@ -182,12 +184,24 @@ class RegisteredMemory:
 
         ids = self._block_ids(runs)
         chunk = packed[:packed_nbytes(self.layout, len(ids), layers)]
-        if into_blocks:
-            unpack(self.layout, ids, layers, chunk)
-        else:
-            pack(self.layout, ids, layers, out=chunk)
-        if not self.is_host and (into_blocks or packed.device.type == "cpu"):
-            torch.cuda.current_stream(self.layout.device).synchronize()
+        if self.is_host:
+            (unpack(self.layout, ids, layers, chunk) if into_blocks
+             else pack(self.layout, ids, layers, out=chunk))
+            return
+        # CUDA: on this thread's own stream, never the engine's; wait for this copy only
+        # (a transport reads the chunk next, or the engine may use the blocks).
+        stream = self.thread_stream()
+        with torch.cuda.stream(stream):
+            (unpack(self.layout, ids, layers, chunk) if into_blocks
+             else pack(self.layout, ids, layers, out=chunk))
+        stream.synchronize()
+
+    def thread_stream(self) -> "torch.cuda.Stream":
+        """The calling backend thread's own CUDA stream on the cache's device."""
+        stream = getattr(self._local, "stream", None)
+        if stream is None:
+            stream = self._local.stream = torch.cuda.Stream(self.layout.device)
+        return stream
 
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for staged chunks: pinned when the KV cache is on a GPU."""

@@ -13,6 +13,8 @@ all of them, so it lives here once::
   the whole of it.
 - A transfer that is no longer active (failed, cancelled, past its deadline) posts
   nothing more; its entries are dropped when they come up.
+- A write whose source is not ready (the engine's CUDA event for it has not completed)
+  is passed over, not waited for: the others go first, and no thread blocks on it.
 - Posted chunks are keyed by (request id, chunk index); ``finish`` frees the slot.
 
 A ChunkQueue does no locking: its owner (a connection's condition, a poll thread's
@@ -43,6 +45,7 @@ class ChunkQueue(Generic[Item]):
         self.max_inflight = max_inflight
         self._queue: deque[list] = deque()  # [handle, items, next index]
         self._posted: dict[tuple[int, int], tuple[TransferHandle, Item]] = {}
+        self.waiting = False  # the last next() passed over transfers not yet ready
 
     def push(self, handle: TransferHandle, items: Sequence[Item]) -> None:
         """Queue a transfer's items, in the order they must be posted."""
@@ -57,11 +60,21 @@ class ChunkQueue(Generic[Item]):
 
         Returns:
             (handle, item, is the transfer's last item); the item counts as posted.
+            None with ``waiting`` set: only transfers whose source is not ready yet
+            (a CUDA event not yet complete) could go; ask again shortly.
         """
-        while self._queue and len(self._posted) < self.max_inflight:
+        self.waiting = False
+        skipped = 0
+        while self._queue and len(self._posted) < self.max_inflight \
+                and skipped < len(self._queue):
             entry = self._queue.popleft()
             handle, items, i = entry
             if not handle.active:
+                continue
+            if not handle.source_ready():  # a write whose engine event has not fired
+                self._queue.append(entry)
+                skipped += 1
+                self.waiting = True
                 continue
             entry[2] = i + 1
             last = i + 1 == len(items)

@@ -80,3 +80,14 @@ def test_metadata_round_trip():
         info = decode_metadata(a.metadata())
         assert info.name == "prefill-3" and info.backend == "tcp"
         assert info.descriptor == a.layout.descriptor
+
+
+def test_cuda_ordering_arguments_are_checked():
+    with kvxfer.Agent("a") as a, kvxfer.Agent("b") as b:
+        for agent in (a, b):
+            agent.register_kv_cache(kvxfer.KVLayout.vllm([torch.zeros(2, 4, 16, 2, 8)]))
+        peer = a.add_peer(b.metadata())
+        with pytest.raises(TypeError, match="query"):
+            a.write(peer, [0], [1], event=object())
+        with pytest.raises(ValueError, match="host memory"):
+            a.read(peer, [0], [1], stream=object())

@@ -44,6 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvxfer.twosided")
 
+EVENT_POLL = 0.0002  # seconds between looks at a pending write's CUDA event
+
 
 class Notify:
     """The queue item of a write's notify message; it follows the write's chunks."""
@@ -148,7 +150,8 @@ class ClientSide(BackendPeer):
                 item = self._chunks.next(_index)
                 if item is not None:
                     return item
-                self._cond.wait()
+                # Only writes waiting for their engine event: look again soon.
+                self._cond.wait(EVENT_POLL if self._chunks.waiting else None)
 
     def _finish(self, request_id: int, chunk: int) -> tuple[TransferHandle, Item]:
         with self._cond:
@@ -194,7 +197,6 @@ class ClientSide(BackendPeer):
             if not handle.active:
                 raise Abandoned(0)
             self.memory.pack_into(item.layers, item.local_runs, tensor)
-            self._send_staging.ready()
         self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard needed
 
     # ----------------------------------------------------------------- reading

@@ -130,7 +130,6 @@ class ServerSide:
         if self.memory.stages(req.runs):
             tensor, view = self.staging.get(nbytes)
             self.memory.pack_into(req.layers, req.runs, tensor)
-            self.staging.ready()
             payload: tuple = (view,)
         else:
             payload = tuple(self.memory.host_buffers(req.layers, req.runs))

@@ -43,11 +43,6 @@ class Staging:
             return self.tensor, memoryview(self.tensor.numpy()).cast("B")[:nbytes]
         return self.tensor, self.tensor[:nbytes]
 
-    def ready(self) -> None:
-        """Wait until a pack into a device buffer has finished (a transport reads it next)."""
-        if self.tensor is not None and self.tensor.device.type == "cuda":
-            torch.cuda.current_stream(self.tensor.device).synchronize()
-
     def release(self) -> None:
         """Free the buffer (pinned memory goes back at once); ``get`` makes a new one."""
         self.tensor = None

@@ -240,3 +240,35 @@ def test_transfers_to_a_replaced_peer_fail_with_the_cause(backend, peer_process)
             h.wait(20)
         cause = info.value.cause
         assert isinstance(cause, kvxfer.PeerUnreachable), cause
+
+
+class _EngineEvent:
+    """Stands in for a torch.cuda.Event on host memory: query() is False until fired."""
+
+    def __init__(self) -> None:
+        self.fired = threading.Event()
+        self.queried = 0
+
+    def query(self) -> bool:
+        self.queried += 1
+        return self.fired.is_set()
+
+    def synchronize(self) -> None:  # a backend must never block on it
+        raise AssertionError("a backend blocked on the engine's event")
+
+
+def test_a_write_reads_its_source_only_after_the_engines_event(backend, large_peer):
+    agent, layout = local_agent(backend, SMALL)
+    with agent:
+        peer = agent.add_peer(large_peer.meta[SMALL.key])
+        event = _EngineEvent()
+        h = agent.write(peer, [1, 2], [20, 21], notify=b"after the event", event=event)
+        other = agent.read(peer, [5], [5])  # not held up by the waiting write
+        other.wait(10)
+        time.sleep(0.05)
+        assert not h.done() and event.queried
+        for region in layout.regions:  # the engine finishes computing the source KV
+            region.view[[1, 2]] = region.view[[9, 10]]
+        event.fired.set()
+        h.wait(10)
+        assert large_peer.call("blocks", SMALL.key, [20, 21]) == block_bytes(layout, [9, 10])
