@@ -190,7 +190,7 @@ def test_kernel_logic_on_host_matches_reference(emulator, order, head_dim, token
     import torch
 
     from kvxfer.layout import KVLayout
-    from kvxfer.packing.plan import make_plan
+    from kvxfer.packing.pack_plan import make_plan
     from kvxfer.packing.reference import pack_reference, unpack_reference
 
     rng, gen = random.Random(f"{order}{head_dim}{tokens}"), torch.Generator().manual_seed(3)

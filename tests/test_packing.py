@@ -19,7 +19,7 @@ from kvxfer.errors import BackendUnavailable, BlockOutOfRange, LayoutMismatch
 from kvxfer.layout import KVLayout
 from kvxfer.packing import pack, packed_nbytes, unpack
 from kvxfer.packing import cuda as pcuda
-from kvxfer.packing.plan import make_plan
+from kvxfer.packing.pack_plan import make_plan
 from kvxfer.packing.reference import pack_reference, unpack_reference
 
 KINDS = ["vllm_nhd", "vllm_hnd", "vllm_nhd_kv1", "vllm_hnd_kv1", "split_kv", "mla"]

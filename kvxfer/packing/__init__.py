@@ -33,7 +33,7 @@ kv_pack.cu`` (cupy, compiled at run time, see :mod:`kvxfer.packing.cuda`), into 
 buffer or pinned host memory; CPU caches go through the torch reference
 (:mod:`kvxfer.packing.reference`), one index_select / index_copy_ per (layer, part).
 Without cupy a CUDA cache falls back to the torch reference on the device, with one
-warning. Everything is validated (:mod:`kvxfer.packing.plan`) before a byte is written.
+warning. Everything is validated (:mod:`kvxfer.packing.pack_plan`) before a byte is written.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch
 
 from ..layout import KVLayout
 from . import cuda as _cuda
-from .plan import BlockIds, PackPlan, check_buffer, make_plan, segment_geometry
+from .pack_plan import BlockIds, PackPlan, check_buffer, make_plan, segment_geometry
 from .reference import pack_reference, unpack_reference
 
 __all__ = ["pack", "unpack", "packed_nbytes"]

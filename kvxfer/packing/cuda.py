@@ -18,7 +18,7 @@ import torch
 
 from ..errors import BackendUnavailable
 from ..layout import KVLayout
-from .plan import PackPlan, widest_word
+from .pack_plan import PackPlan, widest_word
 
 KERNEL_FILE = "kv_pack.cu"
 NVRTC_OPTIONS: tuple[str, ...] = ()  # NVRTC defaults (C++17); cupy adds -arch and -ftz

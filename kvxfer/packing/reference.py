@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..layout import Region
-from .plan import PackPlan, widest_word
+from .pack_plan import PackPlan, widest_word
 
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
 
