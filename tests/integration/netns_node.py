@@ -3,6 +3,8 @@
     serve SPEC_KEY ADDRESS BACKEND       prints the agent's metadata (hex) on one line,
                                          serves until stdin closes, then prints its
                                          notifications
+    cancel SPEC_KEY METADATA_HEX BACKEND cancels a read and a write mid-frame, then moves
+                                         small transfers on the same connection; "OK"
     fetch SPEC_KEY METADATA_HEX BACKEND  reads blocks, checks every byte, writes some back
                                          with a notify, prints "OK <MB/s>"; with
                                          --stall-ok it expects the transfer to fail
@@ -63,8 +65,37 @@ def fetch(key: str, meta_hex: str, backend: str, expect_failure: bool) -> None:
         print(f"OK {h.nbytes / elapsed / 1e6:.1f}", flush=True)
 
 
+def cancel_mid_frame(key: str, meta_hex: str, backend: str) -> None:
+    """A read and a write of one 8 MiB chunk each (a third of a second and more on the
+    link) are cancelled while their frames are on the wire; small transfers on the same
+    connection must then go through, byte-exact, and the connection must stay up."""
+    spec = spec_of(key)
+    layout = build_layout(spec, 2)
+    n = spec.num_blocks
+    with kvxfer.Agent("node-b", backend=backend, listen="0.0.0.0:0", transfer_timeout=30.0,
+                      chunk_bytes=8 << 20, max_inflight=2) as agent:
+        agent.register_kv_cache(layout)
+        peer = agent.add_peer(bytes.fromhex(meta_hex))
+        agent.read(peer, [0], [0]).wait()  # connected and warm
+        t0 = time.perf_counter()
+        big = agent.read(peer, list(range(0, n, 2)), list(range(n // 2)))
+        time.sleep(0.2)
+        assert big.cancel(), "the read finished before it was cancelled: make it larger"
+        agent.read(peer, [5, 6], [n - 2, n - 1]).wait()
+        assert block_bytes(layout, [n - 2, n - 1]) == \
+            block_bytes(build_layout(spec, 1), [5, 6])
+        big = agent.write(peer, list(range(n // 2)), list(range(1, n, 2)), notify=b"cancelled")
+        time.sleep(0.2)
+        assert big.cancel(), "the write finished before it was cancelled: make it larger"
+        agent.write(peer, [3], [0], notify=b"after cancel").wait()
+        assert peer.alive
+        print(f"OK {time.perf_counter() - t0:.1f}", flush=True)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "serve":
         serve(sys.argv[2], sys.argv[3], sys.argv[4])
+    elif sys.argv[1] == "cancel":
+        cancel_mid_frame(sys.argv[2], sys.argv[3], sys.argv[4])
     else:
         fetch(sys.argv[2], sys.argv[3], sys.argv[4], "--stall-ok" in sys.argv)

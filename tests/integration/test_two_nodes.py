@@ -123,3 +123,19 @@ def test_link_down_mid_transfer_fails_within_the_deadline(link, backend):
     finally:
         server.kill()
         fetch.kill() if fetch.poll() is None else None
+
+
+def test_cancel_mid_frame_on_a_slow_link_leaves_the_connection_serving(link, backend):
+    """8 MiB chunks on the 25 MB/s link are in flight for a third of a second: a cancel
+    then lands mid-frame. Other transfers on that connection go on (no reset), and the
+    cancelled write's notify never arrives."""
+    server, meta = _serve(link, backend, BIG)
+    try:
+        out = subprocess.run(_in(link["b"], "cancel", BIG, meta, backend), capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert out.stdout.splitlines()[-1].startswith("OK"), out.stdout
+        notes, _ = server.communicate("", timeout=30)
+    finally:
+        server.kill()
+    assert "after cancel" in notes and "b'cancelled'" not in notes
