@@ -106,33 +106,26 @@ class TransferHandle:
 
     def chunk_done(self, chunk: Chunk) -> None:
         """A chunk has landed (read) or been acknowledged by the peer (write)."""
+        self._count(chunk.layers, chunks=1, messages=0)
+
+    def message_done(self) -> None:
+        """A write's notify message (or a chunk-less write) was acknowledged."""
+        self._count((), chunks=0, messages=1)
+
+    def _count(self, layers: Sequence[int], chunks: int, messages: int) -> None:
         with self._cond:
             if not self.active:  # done, failed, or being failed: nothing more counts
                 return
-            for layer in chunk.layers:
+            for layer in layers:
                 self._layer_left[layer] -= 1
-            self._chunks_left -= 1
+            self._chunks_left -= chunks
+            self._messages_left -= messages
             finished = self._chunks_left <= 0 and self._messages_left <= 0
             if finished:
                 if self.before_done is not None:
                     self.before_done()
                 self._state = DONE
             self._cond.notify_all()
-        if finished:
-            self._run_callbacks()
-
-    def message_done(self) -> None:
-        """A write's notify message (or a chunk-less write) was acknowledged."""
-        with self._cond:
-            if not self.active:  # done, failed, or being failed: nothing more counts
-                return
-            self._messages_left -= 1
-            finished = self._chunks_left <= 0 and self._messages_left <= 0
-            if finished:
-                if self.before_done is not None:
-                    self.before_done()
-                self._state = DONE
-                self._cond.notify_all()
         if finished:
             self._run_callbacks()
 
