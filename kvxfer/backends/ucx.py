@@ -8,9 +8,10 @@ machinery (:mod:`kvxfer.backends.twosided`): a UCX endpoint carries the same fra
 TCP socket does, and UCX picks the path between the two processes (RDMA or TCP
 between hosts, shared memory on one, CUDA IPC for device buffers)::
 
-    this process                                           peer process
-    UCXWorker + progress thread (owned, stopped on close)  UCXWorker + progress thread
-    _ClientSide send/read threads --endpoint-------------> listener -> _ServerSide thread
+    this process                                       peer process
+    UCXWorker: ucxx progress thread (epoll, blocking)  UCXWorker, likewise
+               + our notifier thread (wakes waiters)
+    _ClientSide send/read threads --endpoint---------> listener -> _ServerSide thread
         first on each stream: the 4-byte key the peer must tag our payloads with
         frame   = stream_send(header+body) + tag_send(chunk, key << 32 | n)
         reader: stream_recv(20-byte header) -> stream_recv(body)
@@ -22,10 +23,22 @@ between hosts, shared memory on one, CUDA IPC for device buffers)::
   instead of the stream API's eager copies. Tags are matched per worker, not per
   endpoint: each channel's key is unique on its worker, and payloads are numbered per
   direction, so two peers' chunks never meet.
-- Operations are posted at once and awaited by polling their completion; buffers stay
-  referenced until UCX is done with them. Shutting a channel down (a dead peer, a
-  handle's abort, close) closes its endpoint, cancelling posted receives; a payload
-  can only ever land in a staging buffer, never straight in KV memory.
+- Waiting costs nothing while idle. One agent has two threads of its own in UCX:
+  ucxx's progress thread, asleep in epoll until the network has something, and a
+  notifier thread asleep in ucxx's request notifier (``enable_python_future``: every
+  request completed by the progress thread is queued to it). A channel thread posts
+  its operations, then blocks on a ``threading.Event`` that the notifier sets once
+  they have all completed; shutting the channel down (or the peer's endpoint closing)
+  sets it too, and the wait honours ``set_timeout``. Only a tagged payload, expected
+  within moments of its frame's header, is awaited by probing (backing off).
+- Every request takes one of ucxx's pre-made futures; the notifier refills that pool
+  and hands out a budget below its floor, so posting never has to make one on a
+  thread without an event loop (:class:`_Notifier`).
+- Buffers stay referenced until UCX is done with them. Shutting a channel down (a dead
+  peer, a handle's abort, close) closes its endpoint, cancelling posted receives; a
+  payload can only ever land in a staging buffer, never straight in KV memory. A
+  channel forgets its endpoint's callbacks and leaves the backend when it closes, so a
+  peer that restarts leaves nothing behind.
 - Endpoints are created with error handling on, so a dead peer fails the pending
   requests (and fires the close callback): the channel raises PeerUnreachable and the
   connection's handles fail, instead of hanging. One endpoint per peer, reused.
@@ -43,6 +56,7 @@ between hosts, shared memory on one, CUDA IPC for device buffers)::
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import logging
@@ -50,13 +64,9 @@ import os
 import struct
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
-
-_ENV_BEFORE = dict(os.environ)
-import ucxx._lib.libucxx as ucx  # noqa: E402 - after the snapshot
-from ucxx._lib.arr import Array  # noqa: E402
 
 from ..errors import PeerUnreachable, RemoteProtocolError
 from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
@@ -66,24 +76,45 @@ from .twosided import Abandoned, Channel, Guard, TwoSidedBackend
 
 log = logging.getLogger("kvxfer.ucx")
 
+
+def _import_ucxx() -> tuple[Any, Any, dict[str, str]]:
+    """Import ucxx, leaving ``os.environ`` as it was; returns its tuning besides.
+
+    Importing ucxx tunes UCX through os.environ, which every later UCX user in the
+    process reads too (NIXL's gets ran 5x slower here under its UCX_RNDV_THRESH=8192).
+    Keep that tuning for our own contexts only: note what the import changed, put every
+    key back, pass the UCX ones per context. (UCX_MEMTYPE_CACHE is not an option of the
+    UCX ucxx ships with; it would only draw a warning.)
+    """
+    before = dict(os.environ)
+    try:
+        import ucxx._lib.libucxx as libucxx
+        from ucxx._lib.arr import Array as array
+    finally:
+        after = dict(os.environ)
+        for key in set(before) | set(after):
+            if key not in before:
+                del os.environ[key]
+            elif after.get(key) != before[key]:
+                os.environ[key] = before[key]
+    tuning = {k[4:]: v for k, v in after.items()
+              if k.startswith("UCX_") and before.get(k) != v and k != "UCX_MEMTYPE_CACHE"}
+    return libucxx, array, tuning
+
+
+ucx, Array, UCXX_TUNING = _import_ucxx()
+
 # Host memory: every transport but CUDA's (RDMA where present, else TCP; shared memory on
 # one host), so no CUDA context is made. CUDA memory: all of them, cuda_copy / cuda_ipc /
 # gdr_copy included. Naming absent transports (say "rc" here) makes UCX warn, so exclude.
 HOST_TLS = "^cuda"
 CUDA_TLS = "all"
-# Importing ucxx tunes UCX through os.environ, which every later UCX user in the process
-# reads too (NIXL's gets ran 5x slower here under its UCX_RNDV_THRESH=8192). Keep that
-# tuning for our own contexts only: take it out of the environment, pass it per context.
-# (UCX_MEMTYPE_CACHE is not an option of the UCX ucxx ships with; it only draws a warning.)
-UCXX_TUNING = {k[4:]: v for k, v in os.environ.items()
-               if k.startswith("UCX_") and _ENV_BEFORE.get(k) != v and k != "UCX_MEMTYPE_CACHE"}
-for _key in [k for k in os.environ if k.startswith("UCX_") and _ENV_BEFORE.get(k) != os.environ[k]]:
-    if _key in _ENV_BEFORE:
-        os.environ[_key] = _ENV_BEFORE[_key]
-    else:
-        del os.environ[_key]
 _KEY = struct.Struct("!I")  # a channel's payload-tag key, first on each side's stream
 CLOSE_PERIOD_NS = 1_000_000_000  # wait at most 1 s for an endpoint to close
+NOTIFY_PERIOD_NS = 200_000_000  # the notifier looks round at least this often
+# ucxx refills its futures pool to 100 when it is below 50; we post at most this many
+# requests between two refills, so the pool never runs dry.
+FUTURES_BUDGET = 48
 
 
 def ucx_options(host_memory: bool) -> dict[str, str]:
@@ -112,8 +143,144 @@ def _nbytes(buf: object) -> int:
     return memoryview(buf).nbytes  # type: ignore[arg-type]
 
 
+@dataclasses.dataclass(eq=False)
+class _Wait:
+    """A channel thread blocked until ``requests`` have all completed."""
+
+    requests: Sequence[Any]
+    channel: "UcxChannel"
+    event: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def done(self) -> bool:
+        return all(r.completed for r in self.requests)
+
+
+class _Notifier:
+    """Wakes the channel threads whose UCX requests completed; one per worker.
+
+    Its thread sleeps in ucxx's request notifier, which the progress thread feeds as it
+    completes requests (the worker is made with ``enable_python_future``), and after
+    each round sets the Event of every waiter whose requests are all done; it also
+    looks round every ``NOTIFY_PERIOD_NS``, so no wake-up is ever lost for long.
+
+    ucxx gives every request a future from a pool, made as asyncio futures, which needs
+    an event loop on the making thread. This thread has a private one (never run; its
+    handler drops the "exception never retrieved" of futures nobody awaits) and refills
+    the pool each round; every post takes one of ``FUTURES_BUDGET`` per refill, so the
+    pool never runs dry and no channel thread ever makes a future.
+
+    Args:
+        worker: a UCXWorker made with ``enable_python_future=True``.
+        name: the agent's name, for the thread's name.
+    """
+
+    def __init__(self, worker: Any, name: str) -> None:
+        self.worker = worker
+        self._cond = threading.Condition()
+        self._budget = 0  # posts allowed until the next refill (under _cond)
+        self._pending = 0  # posts counted but not yet made (under _cond)
+        self._waits: set[_Wait] = set()  # blocked channel threads (under _cond)
+        self._stopped = False  # set once, by stop() or the thread's end
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"kvxfer-ucx-notify[{name}]")
+        self.thread.start()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        loop.set_exception_handler(lambda _loop, ctx: log.debug("ucxx future: %s", ctx))
+        asyncio.set_event_loop(loop)
+        try:
+            while not self._stopped:
+                self._refill()
+                state = self.worker.wait_request_notifier(period_ns=NOTIFY_PERIOD_NS)
+                if state == ucx.PythonRequestNotifierWaitState.Shutdown:
+                    break
+                if state == ucx.PythonRequestNotifierWaitState.Ready:
+                    self.worker.run_request_notifier()
+                self._wake(_Wait.done)
+        except Exception:  # noqa: BLE001 - never die silently: waiters must hear of it
+            log.exception("the UCX request notifier failed")
+        finally:
+            with self._cond:
+                self._stopped = True
+                self._cond.notify_all()
+            self._wake(lambda w: True)
+            self.worker.clear_python_futures_pool()
+            asyncio.set_event_loop(None)
+            loop.close()
+
+    def _refill(self) -> None:
+        """Top the pool up; allow as many posts as it surely holds. Posts counted before
+        the refill may take their futures after it, so they come off the new budget."""
+        with self._cond:
+            self._budget, pending = 0, self._pending
+        self.worker.populate_python_futures_pool()
+        with self._cond:
+            self._budget = max(0, FUTURES_BUDGET - pending)
+            self._cond.notify_all()
+
+    def _wake(self, which: Callable[[_Wait], bool]) -> None:
+        with self._cond:
+            waits = list(self._waits)
+        for w in waits:
+            if which(w):
+                w.event.set()
+
+    def wake_channel(self, channel: "UcxChannel") -> None:
+        """Wake every thread waiting on ``channel`` (it went down)."""
+        self._wake(lambda w: w.channel is channel)
+
+    def post(self, ops: Sequence[Callable[[], Any]]) -> list:
+        """Call each op (it posts one ucxx request and returns it) within the budget."""
+        n = len(ops)
+        with self._cond:  # never held while calling ucxx: its callbacks take it too
+            while self._budget < n:
+                if self._stopped:
+                    raise PeerUnreachable("the UCX worker is stopping")
+                self._cond.wait()
+            self._budget -= n
+            self._pending += n
+        try:
+            return [op() for op in ops]
+        finally:
+            with self._cond:
+                self._pending -= n
+
+    def wait(self, requests: Sequence[Any], channel: "UcxChannel",
+             deadline: Optional[float]) -> None:
+        """Block until every request has completed.
+
+        Raises:
+            PeerUnreachable: ``channel`` went down, the worker stopped, or ``deadline``
+                (monotonic) passed first.
+        """
+        w = _Wait(requests, channel)
+        with self._cond:
+            self._waits.add(w)
+        try:
+            while not w.done():
+                left = None if deadline is None else deadline - time.monotonic()
+                if channel._down is not None or self._stopped or (left is not None
+                                                                  and left <= 0):
+                    why = channel._down or ("the UCX worker stopped" if self._stopped else
+                                            f"no progress within {channel._timeout} s")
+                    raise PeerUnreachable(f"UCX channel is down: {why}")
+                w.event.wait(left)
+                w.event.clear()
+        finally:
+            with self._cond:
+                self._waits.discard(w)
+
+    def stop(self) -> None:
+        """End the thread (waking every waiter); idempotent."""
+        self._stopped = True
+        self.worker.stop_request_notifier_thread()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+
+
 class UcxChannel(Channel):
-    """One UCX endpoint as a frame channel; every call polls its requests to completion.
+    """One UCX endpoint as a frame channel; each call blocks until its requests complete.
 
     Frames (header and body) travel on the endpoint's stream; a frame's payload, one
     staged buffer, travels as one tagged message so that UCX can move it zero-copy
@@ -128,15 +295,18 @@ class UcxChannel(Channel):
 
     Args:
         ep: a connected ucxx endpoint (error handling on).
-        worker: the endpoint's worker (tags are probed on it).
+        notifier: its worker's notifier (posts and waits go through it).
         recv_key: this side's key, unique among the worker's channels (< 2**32).
+        on_closed: called once the endpoint is closed, with this channel.
     """
 
-    def __init__(self, ep: Any, worker: Any, recv_key: int) -> None:
+    def __init__(self, ep: Any, notifier: _Notifier, recv_key: int,
+                 on_closed: Callable[["UcxChannel"], None]) -> None:
         self.ep = ep
-        self.worker = worker
+        self.notifier = notifier
         self.conn = Connection()
         self._recv_key = recv_key
+        self._on_closed = on_closed
         self._send_key: Optional[int] = None  # the peer's key, once its first bytes came
         self._key_lock = threading.Lock()
         self._send_seq = 0  # payloads sent (sender thread only)
@@ -145,13 +315,17 @@ class UcxChannel(Channel):
         self._down: Optional[str] = None  # why the channel is unusable; set once
         self._closed = False  # the endpoint is closed
         self._close_lock = threading.Lock()
-        self._orphans: list[tuple[list, list]] = []  # requests abandoned mid-flight
+        self.orphans: list[tuple[list, list]] = []  # requests abandoned mid-flight
         self._header = bytearray(HEADER_SIZE)
         ep.set_close_callback(self._on_close)
 
     def _on_close(self, *_: object) -> None:  # from UCX's progress thread
         if self._down is None:
             self._down = "the UCX endpoint closed (peer gone or unreachable)"
+        self.notifier.wake_channel(self)
+
+    def _deadline(self) -> Optional[float]:
+        return None if self._timeout is None else time.monotonic() + self._timeout
 
     # ---------------------------------------------------------------- waiting
     def _run(self, post: Any, buffers: Sequence[object]) -> None:
@@ -162,30 +336,33 @@ class UcxChannel(Channel):
         """Post ``post(buffer)`` for each pair (empty buffers skipped), then wait for all."""
         if self._down is not None:
             raise PeerUnreachable(f"UCX channel is down: {self._down}")
-        posts = [(post, _array(b)) for post, b in posts if _nbytes(b)]
-        arrays = [a for _, a in posts]
+        arrays = [(post, _array(b)) for post, b in posts if _nbytes(b)]
         try:
-            requests = [post(a) for post, a in posts]
+            with self._close_lock:  # posting on an endpoint being closed crashes UCX
+                if self._closed:
+                    raise PeerUnreachable(f"UCX channel is down: {self._down}")
+                requests = self.notifier.post([lambda p=p, a=a: p(a) for p, a in arrays])
+        except PeerUnreachable:
+            raise
         except Exception as exc:  # noqa: BLE001 - any ucxx failure ends the channel
             self._down = self._down or str(exc)
             raise PeerUnreachable(f"UCX post failed: {exc}") from exc
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
-        for request in requests:
-            try:
-                self._wait_until(lambda: request.completed, deadline)
-            except PeerUnreachable:
-                self._orphans.append((requests, arrays))  # UCX may still use them
-                raise
-            try:
+        try:
+            self.notifier.wait(requests, self, self._deadline())
+            for request in requests:
                 request.check_error()
-            except Exception as exc:  # noqa: BLE001 - UCX reports a dead peer this way
-                self._down = self._down or f"{type(exc).__name__}: {exc}"
-                self._orphans.append((requests, arrays))
-                raise PeerUnreachable(f"UCX transfer failed: {self._down}") from exc
+        except PeerUnreachable:
+            self.orphans.append((requests, arrays))  # UCX may still use them
+            raise
+        except Exception as exc:  # noqa: BLE001 - UCX reports a dead peer this way
+            self._down = self._down or f"{type(exc).__name__}: {exc}"
+            self.orphans.append((requests, arrays))
+            raise PeerUnreachable(f"UCX transfer failed: {self._down}") from exc
 
-    def _wait_until(self, done: Any, deadline: Optional[float]) -> None:
-        """Poll ``done()`` (backing off) until true; PeerUnreachable if the channel goes
-        down or ``deadline`` (monotonic) passes first."""
+    def _poll_until(self, done: Callable[[], bool], deadline: Optional[float]) -> None:
+        """Poll ``done()`` (backing off to 1 ms) until true; PeerUnreachable if the
+        channel goes down or ``deadline`` (monotonic) passes first. Only for what is
+        due at once (a payload after its header): idle waits block in the notifier."""
         spins = 0
         while not done():
             if self._down is not None or (deadline and time.monotonic() > deadline):
@@ -197,13 +374,13 @@ class UcxChannel(Channel):
     def _recv_exact(self, buffers: Sequence[object]) -> None:
         self._run(self.ep.stream_recv, buffers)
 
-    def _peer_key(self) -> int:
-        """Exchange keys on first use: ours goes out, the peer's is the first 4 bytes in."""
+    def exchange_keys(self) -> int:
+        """Ours goes out, the peer's is the first 4 bytes in; once, on first use."""
         with self._key_lock:
             if self._send_key is None:
-                self._run(self.ep.stream_send, [_KEY.pack(self._recv_key)])
                 got = bytearray(_KEY.size)
-                self._recv_exact([got])
+                self._run_posts([(self.ep.stream_send, _KEY.pack(self._recv_key)),
+                                 (self.ep.stream_recv, got)])
                 self._send_key = _KEY.unpack(got)[0]
             return self._send_key
 
@@ -211,7 +388,7 @@ class UcxChannel(Channel):
         return ucx.UCXXTag((key << 32) | (seq & 0xFFFFFFFF))
 
     def _send_frame(self, buffers: Sequence[object]) -> None:
-        key = self._peer_key()
+        key = self.exchange_keys()
         head, payload = buffers[0], [b for b in buffers[1:] if _nbytes(b)]
         if len(payload) > 1:
             raise ValueError("the UCX channel carries a payload as one staged buffer")
@@ -226,16 +403,15 @@ class UcxChannel(Channel):
         """Receive the next payload into ``buffer``, which it must fill exactly."""
         tag = self._tag(self._recv_key, self._recv_seq)
         self._recv_seq += 1
-        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         probe: list = []
 
         def arrived() -> bool:
-            result = self.worker.tag_probe(tag, remove=True)
+            result = self.notifier.worker.tag_probe(tag, remove=True)
             if result.matched:
                 probe.append(result)
             return bool(probe)
 
-        self._wait_until(arrived, deadline)
+        self._poll_until(arrived, self._deadline())
         got, want = probe[0].length, _nbytes(buffer)
         if got != want:
             if 0 < got < want:  # take it off UCX's hands (a staging buffer: never unpacked)
@@ -258,7 +434,7 @@ class UcxChannel(Channel):
             self._send_frame(buffers)
 
     def next_event(self) -> Event:
-        self._peer_key()
+        self.exchange_keys()
         ev = self.conn.next_event()
         if ev is not NEED_DATA:
             return ev
@@ -272,15 +448,18 @@ class UcxChannel(Channel):
             ev = self.conn.next_event()
         return ev
 
-    def recv_payload(self, buffers: Sequence[object]) -> None:
+    def recv_payload(self, buffers: Sequence[object], guard: Optional[Guard] = None) -> bool:
+        """Receive the payload into one staging buffer (ours, so ``guard`` is not needed:
+        the caller unpacks it into KV memory under its own guard)."""
         buffers = [b for b in buffers if _nbytes(b)]
         if not buffers and not self.conn.payload_remaining:
-            return
+            return True
         if len(buffers) != 1 or _nbytes(buffers[0]) != self.conn.payload_remaining:
             raise ValueError("the UCX channel receives a payload into one staged buffer "
                              "of the payload's size")
         self._recv_tagged(buffers[0])
         self.conn.payload_received_elsewhere(_nbytes(buffers[0]))
+        return True
 
     def drain_payload(self) -> None:
         n = self.conn.payload_remaining
@@ -292,19 +471,26 @@ class UcxChannel(Channel):
         self._timeout = seconds
 
     def shutdown(self) -> None:
-        """Mark the channel down and close its endpoint, which cancels posted receives:
-        no byte of an abandoned transfer lands in KV memory afterwards."""
+        """Mark the channel down, wake its waiters and close its endpoint, which cancels
+        posted receives: no byte of an abandoned transfer lands in KV memory afterwards.
+        The endpoint's callbacks are dropped and the backend forgets the channel."""
         if self._down is None:
             self._down = "closed by this side"
-        with self._close_lock:
+        self.notifier.wake_channel(self)
+        with self._close_lock:  # no post is under way while the endpoint closes
             if self._closed:
                 return
             self._closed = True
+            try:
+                self.ep.close_blocking(period=CLOSE_PERIOD_NS, max_attempts=1)
+            except Exception as exc:  # noqa: BLE001 - closing a dead endpoint may complain
+                log.debug("closing a UCX endpoint: %s", exc)
         try:
-            self.ep.close_blocking(period=CLOSE_PERIOD_NS, max_attempts=1)
-            self.ep.remove_close_callback()
-        except Exception as exc:  # noqa: BLE001 - closing a dead endpoint may complain
-            log.debug("closing a UCX endpoint: %s", exc)
+            self.ep.remove_close_callback()  # it holds this channel: a leak through C++
+        except Exception as exc:  # noqa: BLE001
+            log.debug("dropping a UCX endpoint's close callback: %s", exc)
+        self.orphans = [(r, a) for r, a in self.orphans if not all(x.completed for x in r)]
+        self._on_closed(self)
 
     def close(self) -> None:
         self.shutdown()
@@ -320,8 +506,10 @@ class UcxBackend(TwoSidedBackend):
         super().__init__(agent_name, listen, dataclasses.replace(config, staged=True))
         self._host, self._port = parse_host_port(listen)
         self._worker: Any = None
+        self._notifier: Optional[_Notifier] = None
         self._listener: Any = None
-        self._channels: list[UcxChannel] = []  # every channel, closed before the worker stops
+        self._channels: set[UcxChannel] = set()  # open channels (under _lock)
+        self._orphans: list[tuple[list, list]] = []  # closed channels' unfinished requests
         self._keys = itertools.count(1)  # payload-tag keys of this worker's channels
 
     def address(self) -> str:
@@ -339,8 +527,9 @@ class UcxBackend(TwoSidedBackend):
             context = ucx.UCXContext(config_dict=ucx_options(memory.is_host),
                                      feature_flags=(ucx.Feature.STREAM, ucx.Feature.TAG,
                                                     ucx.Feature.WAKEUP))
-            self._worker = ucx.UCXWorker(context)
-            self._worker.start_progress_thread(polling_mode=False, epoll_timeout=10)
+            self._worker = ucx.UCXWorker(context, enable_python_future=True)
+            self._notifier = _Notifier(self._worker, self.agent_name)
+            self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
             self._listener = ucx.UCXListener.create(self._worker, self._port,
                                                     self._on_conn_request)
         except Exception as exc:  # noqa: BLE001 - ucxx raises its own exception types
@@ -348,10 +537,18 @@ class UcxBackend(TwoSidedBackend):
             raise PeerUnreachable(f"UCX cannot listen on {self.listen!r}: {exc}") from exc
 
     def _track(self, ep: Any) -> UcxChannel:
-        channel = UcxChannel(ep, self._worker, next(self._keys))
+        assert self._notifier is not None
+        channel = UcxChannel(ep, self._notifier, next(self._keys), self._untrack)
         with self._lock:
-            self._channels.append(channel)
+            self._channels.add(channel)
         return channel
+
+    def _untrack(self, channel: UcxChannel) -> None:
+        """A channel's endpoint closed: forget it (its unfinished requests stay held)."""
+        with self._lock:
+            self._channels.discard(channel)
+            self._orphans = [(r, a) for r, a in self._orphans + channel.orphans
+                             if not all(x.completed for x in r)]
 
     def _on_conn_request(self, conn_request: int) -> None:  # on UCX's progress thread
         if self._closed:
@@ -377,13 +574,19 @@ class UcxBackend(TwoSidedBackend):
 
     def _release(self) -> None:
         with self._lock:
-            channels, self._channels = self._channels, []
+            channels = list(self._channels)
         for channel in channels:
             channel.shutdown()
             channel.close()
         worker, self._worker = self._worker, None
-        if worker is not None:
-            try:
-                worker.cancel_inflight_requests(period=CLOSE_PERIOD_NS, max_attempts=1)
-            finally:
-                worker.stop_progress_thread()
+        notifier, self._notifier = self._notifier, None
+        try:
+            if worker is not None:
+                try:
+                    worker.cancel_inflight_requests(period=CLOSE_PERIOD_NS, max_attempts=1)
+                finally:
+                    worker.stop_progress_thread()
+        finally:
+            if notifier is not None:
+                notifier.stop()
+            self._orphans = []  # the worker is stopped: UCX touches no buffer any more

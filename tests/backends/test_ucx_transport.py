@@ -113,3 +113,33 @@ def test_a_payload_shorter_than_its_frame_ends_the_connection_and_lands_nowhere(
             assert server.notifications() == []
     finally:
         worker.stop_progress_thread()
+
+
+ENV_CHECK = """
+import json, os, sys
+before = dict(os.environ)
+import kvxfer.backends.ucx as ucx
+after = dict(os.environ)
+print(json.dumps({"changed": sorted(k for k in set(before) | set(after)
+                                    if before.get(k) != after.get(k)),
+                  "options": ucx.ucx_options(True)}))
+"""
+
+
+@pytest.mark.parametrize("preset", [{}, {"UCX_RNDV_THRESH": "1234"}])
+def test_importing_the_backend_leaves_the_environment_alone_but_keeps_ucxx_tuning(preset):
+    """ucxx tunes UCX through os.environ on import; other UCX users (NIXL) would read
+    that too. A fresh interpreter's environment is the same after the import, and
+    ucxx's tuning goes to our own contexts only, unless the environment says otherwise."""
+    import json
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UCX_")} | preset
+    out = subprocess.run([sys.executable, "-c", ENV_CHECK], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["changed"] == []
+    if preset:
+        assert "RNDV_THRESH" not in result["options"]  # the environment wins
+    else:
+        assert result["options"]["RNDV_THRESH"] == "8192"  # ucxx's tuning, ours alone
