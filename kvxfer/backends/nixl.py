@@ -42,6 +42,11 @@ One owned poll thread, per peer connection (a :class:`ChunkQueue`)::
   peer) first ``disconnect``s the old connection: its transfers fail, their xfers
   settle, its descriptor list is released and its remote agent removed; only then is
   the new metadata loaded.
+- ``close`` drops every reference to the NIXL agent, the handles it gave out included
+  (each keeps the C++ agent alive, released or not), so the agent, its UCX worker and
+  sockets go at once, not at the next cyclic GC. It matters beyond this process: NIXL's
+  ``remove_remote_agent`` leaves the remover's TCP connection open for as long as the
+  removed agent lives, so a peer holding its closed incarnations makes us hold sockets.
 """
 
 from __future__ import annotations
@@ -288,12 +293,28 @@ class NixlBackend(Backend):
             for peer in peers:
                 self._retire(peer)
             if self._agent is not None:
-                self._local.release()
+                self._free_agent()
+
+    def _free_agent(self) -> None:
+        """Release what we prepared and registered, then drop every reference to the NIXL
+        agent. Each handle NIXL hands out (prepared list or xfer, released or not) keeps
+        its C++ agent alive, and the Agent <-> backend cycle would leave it to the cyclic
+        GC: its UCX worker, listening sockets and connections (and the peers' ends of
+        them) would linger until a collection. Locked."""
+        try:
+            for xfer in list(self._stuck):  # warm-ups that settled since: free them now
+                if self._state(xfer) not in ("PROC", None):
+                    self._stuck.remove(xfer)
+                    self._release_xfer(xfer)
+            self._local.release()
+            self._agent.deregister_memory(self._reg)
+            if not self._stuck:  # one still in flight may land in scratch: keep it
                 self._scratch[2].release()
                 self._agent.deregister_memory(self._scratch[1])
-                self._agent.deregister_memory(self._reg)
-                self._reg = None
-                self._agent = None  # the NIXL agent goes with its last reference
+        finally:
+            self._local = self._reg = self._agent = None
+            if not self._stuck:
+                self._scratch = None
 
     # ------------------------------------------------------------- requests
     def submit(self, peer: BackendPeer, handle: TransferHandle) -> None:
@@ -388,6 +409,14 @@ class NixlBackend(Backend):
             self._agent.release_xfer_handle(xfer)
         except Exception as exc:  # noqa: BLE001 - an active transfer may refuse to go
             log.debug("releasing a NIXL transfer: %s", exc)
+
+    def _state(self, xfer: Any) -> Optional[str]:
+        """An xfer's state, None when NIXL cannot tell. Locked."""
+        try:
+            return self._agent.check_xfer_state(xfer)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("checking a NIXL transfer: %s", exc)
+            return None
 
     def _remove_remote(self, nixl_name: str) -> None:
         try:
