@@ -77,3 +77,32 @@ def test_peer_descriptor_checks():
         mem.check_peer(KVLayout.mla([torch.zeros(4, 2, 8)]).descriptor.to_bytes())
     with pytest.raises(LayoutMismatch):
         mem.check_peer(b"\xff")
+
+
+def test_check_refuses_blocks_named_twice_and_chunks_over_the_frame_limit(monkeypatch):
+    mem = RegisteredMemory(layout())
+    for runs in [((0, 4), (3, 1)), ((2, 2), (2, 2)), ((0, 8), (0, 8)), ((5, 1),) * 3]:
+        with pytest.raises(BlockOutOfRange, match="more than once"):
+            mem.check((0,), runs)
+    monkeypatch.setattr("kvxfer.memory.MAX_CHUNK_BYTES", 1000)
+    with pytest.raises(BlockOutOfRange, match="limit"):
+        mem.check((0, 1), ((0, 8),))  # 2 layers x 8 blocks x 96 B = 1536 B
+    assert mem.check((0,), ((0, 4),)) == 384
+
+
+@pytest.mark.parametrize("kv_dim", [0, 1])
+def test_scattered_blocks_are_staged_and_land_in_place(kv_dim):
+    src, dst = layout(kv_dim), layout(kv_dim)
+    for region in dst.regions:
+        region.view.zero_()
+    a, b = RegisteredMemory(src), RegisteredMemory(dst)
+    runs = ((6, 1), (0, 1), (3, 2))
+    assert a.stages(runs)  # 48-byte pieces: gathered, not one view per block
+    packed = torch.empty(a.check((1, 2), runs), dtype=torch.uint8)
+    a.pack_into((1, 2), runs, packed)
+    b.unpack_from((1, 2), ((1, 1), (2, 1), (5, 2)), packed)
+    for layer in (1, 2):
+        for part in ("K", "V"):
+            assert torch.equal(dst.region(layer, part).view[[1, 2, 5, 6]],
+                               src.region(layer, part).view[[6, 0, 3, 4]])
+    assert not dst.region(0, "K").view.any() and not dst.region(1, "K").view[[0, 3, 4]].any()
