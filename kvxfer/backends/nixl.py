@@ -76,7 +76,7 @@ log = logging.getLogger("kvxfer.nixl")
 
 NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
 IDLE_POLL = 0.002  # seconds between notification polls while nothing is in flight
-QUIESCE_BOUND = 5.0  # seconds quiesce waits for posted xfers before breaking the link
+QUIESCE_BOUND = 1.5  # seconds quiesce waits for posted xfers before breaking the link
 MAX_INDEX = (1 << 31) - 1  # NIXL takes descriptor indices as C ints
 _LEN = struct.Struct("!I")
 # nixl-cu12 and nixl-cu13 ship the same API under their own names; the ``nixl`` meta

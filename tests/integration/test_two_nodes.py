@@ -119,7 +119,9 @@ def test_link_down_mid_transfer_fails_within_the_deadline(link, backend):
         _sh("ip", "-n", link["a"], "link", "set", link["va"], "down")
         out, _ = fetch.communicate(timeout=30)
         assert out.startswith("FAILED after") and "TransferTimeout" in out, out
-        assert float(out.split()[2].rstrip("s:")) < 7  # 5 s deadline, no hang
+        # The 5 s deadline, plus (nixl) at most 1.5 s waiting for posted one-sided reads
+        # to settle before the link is broken: no byte may land after the failure.
+        assert float(out.split()[2].rstrip("s:")) < 8
     finally:
         server.kill()
         fetch.kill() if fetch.poll() is None else None
