@@ -52,16 +52,20 @@ def large_peer(backend):
 
 DEST = list(range(512, 1536))  # the read's destination; 511 and 1536 are the canaries
 SOURCE = list(range(0, 2048, 2))
+# Scattered ids travel through staging buffers; one long run goes by scatter-gather I/O
+# straight into the blocks (host memory): both must stop at cancel.
+SOURCES = {"scattered": SOURCE, "contiguous": list(range(1024, 2048))}
 
 
+@pytest.mark.parametrize("ids", sorted(SOURCES))
 @pytest.mark.parametrize("delay_ms", [0, 1, 3, 10])
-def test_no_byte_lands_after_cancel_returns(backend, large_peer, delay_ms):
+def test_no_byte_lands_after_cancel_returns(backend, large_peer, delay_ms, ids):
     agent, layout = local_agent(backend, LARGE, chunk_bytes=256 << 10, max_inflight=4)
     with agent:
         _zero(layout)
         peer = agent.add_peer(large_peer.meta[LARGE.key])
         canaries = _region_blocks(layout, [511, 1536])
-        h = agent.read(peer, SOURCE, DEST)
+        h = agent.read(peer, SOURCES[ids], DEST)
         time.sleep(delay_ms / 1000)
         cancelled = h.cancel()
         at_cancel = snapshot(layout)
@@ -94,14 +98,15 @@ def test_no_byte_lands_after_a_deadline_failed_the_transfer(backend, large_peer)
         assert peer.alive
 
 
-def test_cancelling_a_transfer_mid_frame_leaves_the_others_running(backend, large_peer):
+@pytest.mark.parametrize("ids", sorted(SOURCES))
+def test_cancelling_a_transfer_mid_frame_leaves_the_others_running(backend, large_peer, ids):
     """One 4 MiB chunk per frame (its frame is mid-flight when cancelled), and a small
     read queued behind it on the same connection."""
     agent, layout = local_agent(backend, LARGE, chunk_bytes=4 << 20, max_inflight=2)
     with agent:
         peer = agent.add_peer(large_peer.meta[LARGE.key])
         for trial in range(4):
-            big = agent.read(peer, SOURCE, DEST)
+            big = agent.read(peer, SOURCES[ids], DEST)
             small = agent.read(peer, [7 + trial], [100 + trial])
             time.sleep(0.002 * trial)
             big.cancel()
@@ -113,15 +118,19 @@ def test_cancelling_a_transfer_mid_frame_leaves_the_others_running(backend, larg
         assert large_peer.call("blocks", LARGE.key, [2000]) == block_bytes(layout, [3])
 
 
-def test_a_scattered_write_cancelled_mid_frame_is_never_announced(backend, large_peer):
-    """Every other block, so a frame of scatter-gather I/O would need thousands of
-    iovecs; cancelled writes deliver no notify, and the connection goes on."""
+def test_a_write_cancelled_mid_frame_is_never_announced(backend, large_peer):
+    """Every other block (a frame of scatter-gather I/O would need thousands of iovecs)
+    and one long run; cancelled writes deliver no notify, and the connection goes on."""
     agent, layout = local_agent(backend, LARGE, chunk_bytes=4 << 20, max_inflight=2)
     with agent:
         peer = agent.add_peer(large_peer.meta[LARGE.key])
-        for _ in range(3):
-            h = agent.write(peer, SOURCE, list(range(1, 2048, 2)), notify=b"cancelled")
-            time.sleep(0.001)
+        for trial in range(4):
+            if trial % 2:  # one run each side: scatter-gather straight from our blocks
+                h = agent.write(peer, list(range(1024)), list(range(1024, 2048)),
+                                notify=b"cancelled")
+            else:
+                h = agent.write(peer, SOURCE, list(range(1, 2048, 2)), notify=b"cancelled")
+            time.sleep(0.001 * trial)
             h.cancel()
         agent.write(peer, [9], [1999], notify=b"kept").wait(20)
         deadline = time.monotonic() + 5
