@@ -164,7 +164,7 @@ class ClientSide(BackendPeer):
     def _send_loop(self) -> None:
         try:
             while (item := self._next()) is not None:
-                handle, chunk, last = item
+                handle, chunk, _ = item
                 try:
                     self._send_item(handle, chunk)
                 except Abandoned as exc:

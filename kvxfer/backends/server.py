@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..errors import BlockOutOfRange, KvxferError, LayoutMismatch, RemoteProtocolError
 from ..memory import RegisteredMemory
@@ -105,7 +105,7 @@ class ServerSide:
             else:
                 raise RemoteProtocolError(f"unexpected {type(ev).__name__} from a client")
 
-    def answer(self, req: ReadRequest | Write, serve) -> None:  # type: ignore[no-untyped-def]
+    def answer(self, req: ReadRequest | Write, serve: Callable[[Any], None]) -> None:
         """Serve one request; an unexpected error answers it with E_INTERNAL and the
         connection goes on (the transport's own failures still end it)."""
         try:
