@@ -11,11 +11,6 @@ whatever the block count. ``connect`` then makes the NIXL connection and reads t
 peer's first block into a small private scratch buffer (never engine memory), waiting
 for it: the UCX endpoint is wired up and proven before the first transfer.
 
-A chunk (layers x runs) becomes one ``make_prepped_xfer`` over the matching local and
-remote indices; NIXL merges indices contiguous on both sides, so a run of blocks in a
-dense region is one operation. READ pulls the peer's blocks into ours; WRITE pushes.
-The peer's CPU is not involved.
-
 One owned poll thread, per peer connection (a :class:`ChunkQueue`)::
 
     submit -> queue (round-robin, <= max_inflight posted) -> post xfer -> poll state
@@ -23,21 +18,16 @@ One owned poll thread, per peer connection (a :class:`ChunkQueue`)::
        handle no longer active: post nothing more  ------------+        ERR:  peer dead
        its posted xfers stay posted, polled until DONE or ERR, only then released
 
-- ``quiesce(handle)`` (called by ``handle.fail``: cancel, deadline, errors) returns once
-  every xfer posted for the handle reached DONE or ERR; it polls them itself under the
-  backend lock, so it works on any thread (the poll thread included) and after the
-  poll thread stopped. Releasing an active NIXL xfer does not stop it (UCX may go on
-  writing after the release), so we never release one before it settles. Past
-  ``QUIESCE_BOUND`` seconds the connection to that peer is broken (remote agent
-  invalidated, its requests cancelled and endpoint closed), its transfers fail, and a
-  warning is logged: that is the most NIXL lets us do against a stuck operation.
-- An ``ERR`` state marks the peer dead and fails its transfers; a peer that just goes
-  silent is caught by the Agent's deadline watchdog. A remote block id past the peer's
-  ``num_blocks`` fails that handle only, before anything is posted.
-- A write's ``notify`` is sent with ``send_notif`` once every chunk of it completed
-  (after the data, on the same UCX endpoint) and handed to the peer's notify sink
-  there; when the sink refuses (its unread backlog full), the message is held and
-  NIXL's queue is left undrained until the engine reads its notifications.
+Posting, polling, ``quiesce``'s settling and a dead peer's retirement are the
+per-connection logic of :mod:`.nixl_peers` (mixed in as :class:`NixlPeerLinks`); this
+module holds registration, connecting, ``submit``, the poll loop and notifications.
+
+- A remote block id past the peer's ``num_blocks`` fails that handle only, before
+  anything is posted.
+- A write's notify, sent after its data (see :mod:`.nixl_peers`), is handed to the
+  peer's notify sink there by its poll thread; when the sink refuses (its unread
+  backlog full), the message is held and NIXL's queue is left undrained until the
+  engine reads its notifications.
 - NIXL keys remote agents by name. ``connect`` to a name we already know (a restarted
   peer) first ``disconnect``s the old connection: its transfers fail, their xfers
   settle, its descriptor list is released and its remote agent removed; only then is
@@ -64,19 +54,16 @@ import numpy as np
 import torch
 
 from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreachable,
-                      RemoteProtocolError, TransferFailed)
+                      RemoteProtocolError)
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
-from ..plan import Chunk
-from ..scheduler import ChunkQueue
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
-from .nixl_descriptors import chunk_indices, region_table, strided_rows
+from .nixl_descriptors import region_table, strided_rows
+# QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
+from .nixl_peers import IDLE_POLL, MESSAGE, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
 
 log = logging.getLogger("kvxfer.nixl")
 
-NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
-IDLE_POLL = 0.002  # seconds between notification polls while nothing is in flight
-QUIESCE_BOUND = 1.5  # seconds quiesce waits for posted xfers before breaking the link
 MAX_INDEX = (1 << 31) - 1  # NIXL takes descriptor indices as C ints
 _LEN = struct.Struct("!I")
 # nixl-cu12 and nixl-cu13 ship the same API under their own names; the ``nixl`` meta
@@ -96,38 +83,9 @@ def _import_nixl() -> Any:
 
 _nixl = _import_nixl()
 nixl_agent, nixl_agent_config = _nixl.nixl_agent, _nixl.nixl_agent_config
-_MESSAGE = None  # queue item of a write of no blocks: just its notify
-Key = tuple[int, int]  # (request id, chunk index)
 
 
-def _key(item: Optional[Chunk]) -> int:
-    return -1 if item is None else item.index
-
-
-class _NixlPeer(BackendPeer):
-    """A remote NIXL agent: its prepared descriptor list and our transfers to it.
-
-    Every field is changed only under the backend's lock.
-    """
-
-    def __init__(self, name: str, nixl_name: str, metadata: bytes, dlist: Any,
-                 num_blocks: int, max_inflight: int) -> None:
-        self.name = name
-        self.nixl_name = nixl_name
-        self.metadata = metadata  # the backend metadata it was connected with
-        self.dlist = dlist  # prepared remote descriptors; None once released
-        self.num_blocks = num_blocks
-        self.queue: ChunkQueue[Optional[Chunk]] = ChunkQueue(max_inflight)
-        self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
-        self.left: dict[int, int] = {}  # request id -> chunks not yet completed
-        self.dead: Optional[BaseException] = None  # set once: nothing more is posted
-
-    @property
-    def alive(self) -> bool:
-        return self.dead is None
-
-
-class NixlBackend(Backend):
+class NixlBackend(NixlPeerLinks, Backend):
     """kvxfer over NIXL (``pip install 'kvxfer[nixl]'``); see the module docstring."""
 
     name = "nixl"
@@ -148,7 +106,7 @@ class NixlBackend(Backend):
         self._reg: Any = None  # registered descriptor list, None once deregistered
         self._local: Any = None  # prepared local descriptor list
         self._scratch: Any = None  # (tensor, registration, dlist): connect's warm-up read
-        self._peers: list[_NixlPeer] = []  # live ones, and dead ones until retired
+        self._peers: list[NixlPeer] = []  # live ones, and dead ones until retired
         self._connecting: dict[str, threading.Lock] = {}  # one connect per name at a time
         self._thread: Optional[threading.Thread] = None
         self._stuck: list[Any] = []  # warm-up xfers that never settled (into scratch only)
@@ -196,7 +154,7 @@ class NixlBackend(Backend):
         with self._cond:
             return _LEN.pack(len(head)) + head + self._agent.get_agent_metadata()
 
-    def connect(self, peer: PeerInfo) -> _NixlPeer:
+    def connect(self, peer: PeerInfo) -> NixlPeer:
         memory = self._memory
         assert memory is not None, "start() first"
         memory.layout.descriptor.check_compatible(peer.descriptor)
@@ -229,7 +187,7 @@ class NixlBackend(Backend):
             return self._load_peer(peer, nixl_md, table, mem_type, device)
 
     def _load_peer(self, peer: PeerInfo, nixl_md: bytes, table: list, mem_type: str,
-                   device: int) -> _NixlPeer:
+                   device: int) -> NixlPeer:
         with self._cond:
             if self._closed:
                 raise AgentClosed("agent closed")
@@ -246,7 +204,7 @@ class NixlBackend(Backend):
                 if nixl_name is not None:
                     self._remove_remote(nixl_name)
                 raise PeerUnreachable(f"NIXL cannot reach peer {peer.name!r}: {exc}") from exc
-            conn = _NixlPeer(peer.name, nixl_name, peer.backend_metadata, dlist,
+            conn = NixlPeer(peer.name, nixl_name, peer.backend_metadata, dlist,
                              peer.descriptor.num_blocks, self.config.max_inflight)
             self._peers.append(conn)
             return conn
@@ -267,7 +225,7 @@ class NixlBackend(Backend):
             raise PeerUnreachable(f"a first read of {nixl_name!r} did not complete ({state})")
 
     def disconnect(self, peer: BackendPeer, why: BaseException) -> None:
-        assert isinstance(peer, _NixlPeer)
+        assert isinstance(peer, NixlPeer)
         with self._cond:
             failures = self._kill(peer, why)
         self._fail_all(failures)  # each waits (bounded) for its posted xfers
@@ -318,7 +276,7 @@ class NixlBackend(Backend):
 
     # ------------------------------------------------------------- requests
     def submit(self, peer: BackendPeer, handle: TransferHandle) -> None:
-        assert isinstance(peer, _NixlPeer)
+        assert isinstance(peer, NixlPeer)
         for chunk in handle.chunks:
             for _, start, count in chunk.runs:
                 if start + count > peer.num_blocks:
@@ -329,7 +287,7 @@ class NixlBackend(Backend):
         with self._cond:
             dead = peer.dead or (AgentClosed("agent closed") if self._closed else None)
             if dead is None:
-                peer.queue.push(handle, list(handle.chunks) or [_MESSAGE])
+                peer.queue.push(handle, list(handle.chunks) or [MESSAGE])
                 peer.left[handle.request_id] = len(handle.chunks)
                 self._cond.notify_all()
                 return
@@ -341,88 +299,6 @@ class NixlBackend(Backend):
             peers = [p for p in self._peers if any(k[0] == rid for k in p.xfers)]
         for peer in peers:
             self._settle(peer, lambda key: key[0] == rid)
-
-    def _settle(self, peer: _NixlPeer, mine: Any) -> None:
-        """Poll ``peer``'s posted xfers that ``mine(key)`` selects until each settled
-        (DONE or ERR); past QUIESCE_BOUND, break the connection. Any thread, unlocked."""
-        limit = time.monotonic() + QUIESCE_BOUND
-        while True:
-            with self._cond:
-                for key in [k for k in peer.xfers if mine(k)]:
-                    self._check(peer, key, [])
-                if not any(mine(k) for k in peer.xfers):
-                    return
-                if time.monotonic() >= limit:
-                    log.warning("NIXL transfers to %r did not settle within %.1f s; "
-                                "breaking the connection", peer.name, QUIESCE_BOUND)
-                    failures = self._break(peer)
-                    break
-                self._cond.wait(IDLE_POLL)
-        self._fail_all(failures)
-
-    def _break(self, peer: _NixlPeer) -> list[tuple[TransferHandle, BaseException]]:
-        """End everything posted to ``peer``: invalidate its remote agent (NIXL then
-        refuses its xfers), release them (UCX cancels their requests and closes the
-        endpoint once the last goes). Caller holds the lock."""
-        failures = self._kill(peer, PeerUnreachable(
-            f"NIXL transfers to {peer.name!r} did not finish within {QUIESCE_BOUND} s "
-            "after their transfer failed; the connection was broken"))
-        self._remove_remote(peer.nixl_name)
-        for key, xfer in list(peer.xfers.items()):
-            self._release_xfer(xfer)
-            peer.queue.finish(*key)
-        peer.xfers.clear()
-        self._cond.notify_all()
-        return failures
-
-    def _kill(self, peer: _NixlPeer,
-              exc: BaseException) -> list[tuple[TransferHandle, BaseException]]:
-        """Mark ``peer`` dead (nothing more is posted); returns its transfers to fail,
-        outside the lock. Posted xfers stay until they settle."""
-        if peer.dead is None:
-            peer.dead = exc
-        self._cond.notify_all()
-        return [(h, peer.dead) for h in peer.queue.handles() if h.active]
-
-    def _retire(self, peer: _NixlPeer) -> None:
-        """Free a dead peer whose xfers all settled; caller holds the lock."""
-        if peer.xfers or peer.dlist is None:
-            return
-        try:
-            peer.dlist.release()
-        except Exception as exc:  # noqa: BLE001
-            log.debug("releasing NIXL descriptors of %r: %s", peer.name, exc)
-        peer.dlist = None
-        peer.queue.clear()
-        peer.left.clear()
-        self._remove_remote(peer.nixl_name)
-        if peer in self._peers:
-            self._peers.remove(peer)
-
-    @staticmethod
-    def _fail_all(failures: list[tuple[TransferHandle, BaseException]]) -> None:
-        for handle, exc in failures:
-            handle.fail(exc)
-
-    def _release_xfer(self, xfer: Any) -> None:
-        try:
-            self._agent.release_xfer_handle(xfer)
-        except Exception as exc:  # noqa: BLE001 - an active transfer may refuse to go
-            log.debug("releasing a NIXL transfer: %s", exc)
-
-    def _state(self, xfer: Any) -> Optional[str]:
-        """An xfer's state, None when NIXL cannot tell. Locked."""
-        try:
-            return self._agent.check_xfer_state(xfer)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("checking a NIXL transfer: %s", exc)
-            return None
-
-    def _remove_remote(self, nixl_name: str) -> None:
-        try:
-            self._agent.remove_remote_agent(nixl_name)
-        except Exception as exc:  # noqa: BLE001 - NIXL drops a disconnected one itself
-            log.debug("removing NIXL peer %r: %s", nixl_name, exc)
 
     # ------------------------------------------------------------ poll thread
     def _poll_loop(self) -> None:
@@ -467,7 +343,7 @@ class NixlBackend(Backend):
                         self._held.append((name, bytes(msg[len(NOTIFY_PREFIX):])))
         return events
 
-    def _connecting_now(self, peer: _NixlPeer) -> bool:
+    def _connecting_now(self, peer: NixlPeer) -> bool:
         lock = self._connecting.get(peer.name)
         return lock is not None and lock.locked()
 
@@ -475,83 +351,3 @@ class NixlBackend(Backend):
         """Hand held notifications to the agent in order until it refuses one."""
         while self._held and self._notify is not None and self._notify(*self._held[0]):
             self._held.popleft()
-
-    def _check(self, peer: _NixlPeer, key: Key, events: list[tuple]) -> None:
-        """Poll one posted xfer; once settled, release it and free its slot. Locked."""
-        xfer = peer.xfers[key]
-        try:
-            state = self._agent.check_xfer_state(xfer)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("checking a NIXL transfer to %r: %s", peer.name, exc)
-            state = "ERR"
-        if state == "PROC":
-            return
-        del peer.xfers[key]
-        self._release_xfer(xfer)
-        self._cond.notify_all()  # quiescers wait for this
-        posted = peer.queue.finish(*key)
-        if posted is None:
-            return
-        handle, chunk = posted
-        if not handle.active or chunk is None:
-            return
-        if state == "ERR":  # UCX errors are the endpoint's: the peer is gone
-            err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed (chunk "
-                                  f"{chunk.index} of {handle.op} #{handle.request_id})")
-            events.append((self._fail_all, self._kill(peer, err)))
-            return
-        left = peer.left.get(handle.request_id, 0) - 1
-        if left <= 0:
-            peer.left.pop(handle.request_id, None)
-            if handle.op == "write":
-                self._send_notify(peer, handle)
-        else:
-            peer.left[handle.request_id] = left
-        events.append((handle.chunk_done, chunk))
-
-    def _post_ready(self, peer: _NixlPeer, events: list[tuple]) -> None:
-        """Post what the queue lets go now (active handles only). Locked."""
-        while peer.alive:
-            nxt = peer.queue.next(_key)
-            if nxt is None:
-                return
-            handle, chunk, _ = nxt
-            key = (handle.request_id, _key(chunk))
-            if chunk is None:  # a write of no blocks: just the message
-                peer.queue.finish(*key)
-                peer.left.pop(handle.request_id, None)
-                try:
-                    self._send_notify(peer, handle)
-                except Exception as exc:  # noqa: BLE001
-                    events.append((handle.fail, PeerUnreachable(
-                        f"NIXL could not send a notification to {peer.name!r}: {exc}")))
-                    continue
-                events.append((handle.message_done,))
-                continue
-            memory = self._memory
-            assert memory is not None
-            try:
-                xfer = self._agent.make_prepped_xfer(
-                    "READ" if handle.op == "read" else "WRITE",
-                    self._local, chunk_indices(chunk, memory.num_parts, memory.num_blocks, 0),
-                    peer.dlist, chunk_indices(chunk, memory.num_parts, peer.num_blocks, 1))
-            except Exception as exc:  # noqa: BLE001 - this request's blocks, not the link
-                peer.queue.finish(*key)
-                events.append((handle.fail, TransferFailed(
-                    f"NIXL refused chunk {chunk.index} of {handle.op} #{handle.request_id}: "
-                    f"{exc}", peer=peer.name, request_id=handle.request_id, cause=exc)))
-                continue
-            peer.xfers[key] = xfer
-            try:
-                state = self._agent.transfer(xfer)
-            except Exception as exc:  # noqa: BLE001
-                log.debug("posting to %r: %s", peer.name, exc)
-                state = "ERR"
-            if state == "ERR":  # stays in xfers until it settles (at once, normally)
-                err = PeerUnreachable(f"NIXL refused to post chunk {chunk.index} to "
-                                      f"{peer.name!r}")
-                events.append((self._fail_all, self._kill(peer, err)))
-
-    def _send_notify(self, peer: _NixlPeer, handle: TransferHandle) -> None:
-        if handle.notify:
-            self._agent.send_notif(peer.nixl_name, NOTIFY_PREFIX + handle.notify)

@@ -1,0 +1,268 @@
+"""NIXL per-peer connections: posting, polling and settling the xfers sent to a peer.
+
+Theory of operation
+-------------------
+A :class:`NixlPeer` is one connected remote NIXL agent: its prepared descriptor list,
+the transfers submitted to it (a :class:`~kvxfer.scheduler.ChunkQueue`) and the NIXL
+xfers posted on it, keyed by (request id, chunk index). :class:`NixlPeerLinks` is what
+the backend does on those connections; the backend's lock (``_cond``) guards every
+peer field and NIXL call. :class:`~kvxfer.backends.nixl.NixlBackend` mixes it in and
+its poll thread drives it.
+
+A chunk (layers x runs) becomes one ``make_prepped_xfer`` over the matching local and
+remote indices (see :mod:`.nixl_descriptors`); NIXL merges indices contiguous on both
+sides, so a run of blocks in a dense region is one operation. READ pulls the peer's
+blocks into ours; WRITE pushes. The peer's CPU is not involved. A posted xfer's life::
+
+    queue.next -> make_prepped_xfer + transfer -> xfers[key] -> check_xfer_state
+                                                                  PROC: poll again
+                          released, slot freed (queue.finish)  <- DONE: chunk_done
+                                                               <- ERR:  peer dead
+
+- ``settle`` (for ``quiesce``, called by ``handle.fail``: cancel, deadline, errors)
+  returns once every selected posted xfer reached DONE or ERR; it polls them itself
+  under the lock, so it works on any thread (the poll thread included) and after the
+  poll thread stopped. Releasing an active NIXL xfer does not stop it (UCX may go on
+  writing after the release), so we never release one before it settles. Past
+  ``QUIESCE_BOUND`` seconds the connection to that peer is broken (``_break``: remote
+  agent invalidated, its requests cancelled and endpoint closed), its transfers fail,
+  and a warning is logged: that is the most NIXL lets us do against a stuck operation.
+- An ``ERR`` state marks the peer dead (``_kill``: nothing more is posted) and fails
+  its transfers; a peer that just goes silent is caught by the Agent's deadline
+  watchdog. A NIXL refusal to build an xfer fails that request only.
+- A dead peer is retired (``_retire``) once none of its xfers is posted any more: its
+  descriptor list is released and its remote agent removed.
+- A write's ``notify`` is sent with ``send_notif`` once every chunk of it completed
+  (after the data, on the same UCX endpoint); a write of no blocks queues one
+  ``MESSAGE`` item that sends just the notify.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Callable, Optional
+
+from ..errors import PeerUnreachable, TransferFailed
+from ..handle import TransferHandle
+from ..memory import RegisteredMemory
+from ..plan import Chunk
+from ..scheduler import ChunkQueue
+from .base import BackendPeer
+from .nixl_descriptors import chunk_indices
+
+log = logging.getLogger("kvxfer.nixl")
+
+NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
+IDLE_POLL = 0.002  # seconds between polls while nothing is in flight
+QUIESCE_BOUND = 1.5  # seconds quiesce waits for posted xfers before breaking the link
+MESSAGE = None  # queue item of a write of no blocks: just its notify
+Key = tuple[int, int]  # (request id, chunk index)
+Failures = list[tuple[TransferHandle, BaseException]]
+
+
+def chunk_key(item: Optional[Chunk]) -> int:
+    """The chunk-index half of a queue item's :data:`Key` (-1 for :data:`MESSAGE`)."""
+    return -1 if item is None else item.index
+
+
+class NixlPeer(BackendPeer):
+    """A remote NIXL agent: its prepared descriptor list and our transfers to it.
+
+    Every field is changed only under the backend's lock.
+    """
+
+    def __init__(self, name: str, nixl_name: str, metadata: bytes, dlist: Any,
+                 num_blocks: int, max_inflight: int) -> None:
+        self.name = name
+        self.nixl_name = nixl_name
+        self.metadata = metadata  # the backend metadata it was connected with
+        self.dlist = dlist  # prepared remote descriptors; None once released
+        self.num_blocks = num_blocks
+        self.queue: ChunkQueue[Optional[Chunk]] = ChunkQueue(max_inflight)
+        self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
+        self.left: dict[int, int] = {}  # request id -> chunks not yet completed
+        self.dead: Optional[BaseException] = None  # set once: nothing more is posted
+
+    @property
+    def alive(self) -> bool:
+        return self.dead is None
+
+
+class NixlPeerLinks:
+    """Posting, polling, settling and retiring xfers on :class:`NixlPeer` connections.
+
+    A mixin of :class:`~kvxfer.backends.nixl.NixlBackend`, which owns the attributes
+    below (set in its ``__init__`` and ``start``). ``_settle`` takes ``_cond`` itself and
+    ``_fail_all`` runs outside it; every other method expects the caller to hold it.
+    """
+
+    _cond: threading.Condition  # guards every NIXL call and every peer
+    _agent: Any  # the NIXL agent; None once closed
+    _memory: Optional[RegisteredMemory]
+    _local: Any  # prepared local descriptor list
+    _peers: list[NixlPeer]  # live ones, and dead ones until retired
+
+    # ------------------------------------------------------------- settling
+    def _settle(self, peer: NixlPeer, mine: Callable[[Key], bool]) -> None:
+        """Poll ``peer``'s posted xfers that ``mine(key)`` selects until each settled
+        (DONE or ERR); past QUIESCE_BOUND, break the connection. Any thread, unlocked."""
+        limit = time.monotonic() + QUIESCE_BOUND
+        while True:
+            with self._cond:
+                for key in [k for k in peer.xfers if mine(k)]:
+                    self._check(peer, key, [])
+                if not any(mine(k) for k in peer.xfers):
+                    return
+                if time.monotonic() >= limit:
+                    log.warning("NIXL transfers to %r did not settle within %.1f s; "
+                                "breaking the connection", peer.name, QUIESCE_BOUND)
+                    failures = self._break(peer)
+                    break
+                self._cond.wait(IDLE_POLL)
+        self._fail_all(failures)
+
+    def _break(self, peer: NixlPeer) -> Failures:
+        """End everything posted to ``peer``: invalidate its remote agent (NIXL then
+        refuses its xfers), release them (UCX cancels their requests and closes the
+        endpoint once the last goes). Caller holds the lock."""
+        failures = self._kill(peer, PeerUnreachable(
+            f"NIXL transfers to {peer.name!r} did not finish within {QUIESCE_BOUND} s "
+            "after their transfer failed; the connection was broken"))
+        self._remove_remote(peer.nixl_name)
+        for key, xfer in list(peer.xfers.items()):
+            self._release_xfer(xfer)
+            peer.queue.finish(*key)
+        peer.xfers.clear()
+        self._cond.notify_all()
+        return failures
+
+    def _kill(self, peer: NixlPeer, exc: BaseException) -> Failures:
+        """Mark ``peer`` dead (nothing more is posted); returns its transfers to fail,
+        outside the lock. Posted xfers stay until they settle."""
+        if peer.dead is None:
+            peer.dead = exc
+        self._cond.notify_all()
+        return [(h, peer.dead) for h in peer.queue.handles() if h.active]
+
+    def _retire(self, peer: NixlPeer) -> None:
+        """Free a dead peer whose xfers all settled; caller holds the lock."""
+        if peer.xfers or peer.dlist is None:
+            return
+        try:
+            peer.dlist.release()
+        except Exception as exc:  # noqa: BLE001
+            log.debug("releasing NIXL descriptors of %r: %s", peer.name, exc)
+        peer.dlist = None
+        peer.queue.clear()
+        peer.left.clear()
+        self._remove_remote(peer.nixl_name)
+        if peer in self._peers:
+            self._peers.remove(peer)
+
+    @staticmethod
+    def _fail_all(failures: Failures) -> None:
+        for handle, exc in failures:
+            handle.fail(exc)
+
+    def _release_xfer(self, xfer: Any) -> None:
+        try:
+            self._agent.release_xfer_handle(xfer)
+        except Exception as exc:  # noqa: BLE001 - an active transfer may refuse to go
+            log.debug("releasing a NIXL transfer: %s", exc)
+
+    def _state(self, xfer: Any) -> Optional[str]:
+        """An xfer's state, None when NIXL cannot tell. Locked."""
+        try:
+            return self._agent.check_xfer_state(xfer)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("checking a NIXL transfer: %s", exc)
+            return None
+
+    def _remove_remote(self, nixl_name: str) -> None:
+        try:
+            self._agent.remove_remote_agent(nixl_name)
+        except Exception as exc:  # noqa: BLE001 - NIXL drops a disconnected one itself
+            log.debug("removing NIXL peer %r: %s", nixl_name, exc)
+
+    # ------------------------------------------------------------- posting
+    def _check(self, peer: NixlPeer, key: Key, events: list[tuple]) -> None:
+        """Poll one posted xfer; once settled, release it and free its slot. Locked."""
+        xfer = peer.xfers[key]
+        try:
+            state = self._agent.check_xfer_state(xfer)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("checking a NIXL transfer to %r: %s", peer.name, exc)
+            state = "ERR"
+        if state == "PROC":
+            return
+        del peer.xfers[key]
+        self._release_xfer(xfer)
+        self._cond.notify_all()  # quiescers wait for this
+        posted = peer.queue.finish(*key)
+        if posted is None:
+            return
+        handle, chunk = posted
+        if not handle.active or chunk is None:
+            return
+        if state == "ERR":  # UCX errors are the endpoint's: the peer is gone
+            err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed (chunk "
+                                  f"{chunk.index} of {handle.op} #{handle.request_id})")
+            events.append((self._fail_all, self._kill(peer, err)))
+            return
+        left = peer.left.get(handle.request_id, 0) - 1
+        if left <= 0:
+            peer.left.pop(handle.request_id, None)
+            if handle.op == "write":
+                self._send_notify(peer, handle)
+        else:
+            peer.left[handle.request_id] = left
+        events.append((handle.chunk_done, chunk))
+
+    def _post_ready(self, peer: NixlPeer, events: list[tuple]) -> None:
+        """Post what the queue lets go now (active handles only). Locked."""
+        while peer.alive:
+            nxt = peer.queue.next(chunk_key)
+            if nxt is None:
+                return
+            handle, chunk, _ = nxt
+            key = (handle.request_id, chunk_key(chunk))
+            if chunk is None:  # a write of no blocks: just the message
+                peer.queue.finish(*key)
+                peer.left.pop(handle.request_id, None)
+                try:
+                    self._send_notify(peer, handle)
+                except Exception as exc:  # noqa: BLE001
+                    events.append((handle.fail, PeerUnreachable(
+                        f"NIXL could not send a notification to {peer.name!r}: {exc}")))
+                    continue
+                events.append((handle.message_done,))
+                continue
+            memory = self._memory
+            assert memory is not None
+            try:
+                xfer = self._agent.make_prepped_xfer(
+                    "READ" if handle.op == "read" else "WRITE",
+                    self._local, chunk_indices(chunk, memory.num_parts, memory.num_blocks, 0),
+                    peer.dlist, chunk_indices(chunk, memory.num_parts, peer.num_blocks, 1))
+            except Exception as exc:  # noqa: BLE001 - this request's blocks, not the link
+                peer.queue.finish(*key)
+                events.append((handle.fail, TransferFailed(
+                    f"NIXL refused chunk {chunk.index} of {handle.op} #{handle.request_id}: "
+                    f"{exc}", peer=peer.name, request_id=handle.request_id, cause=exc)))
+                continue
+            peer.xfers[key] = xfer
+            try:
+                state = self._agent.transfer(xfer)
+            except Exception as exc:  # noqa: BLE001
+                log.debug("posting to %r: %s", peer.name, exc)
+                state = "ERR"
+            if state == "ERR":  # stays in xfers until it settles (at once, normally)
+                err = PeerUnreachable(f"NIXL refused to post chunk {chunk.index} to "
+                                      f"{peer.name!r}")
+                events.append((self._fail_all, self._kill(peer, err)))
+
+    def _send_notify(self, peer: NixlPeer, handle: TransferHandle) -> None:
+        if handle.notify:
+            self._agent.send_notif(peer.nixl_name, NOTIFY_PREFIX + handle.notify)
