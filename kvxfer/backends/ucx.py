@@ -33,12 +33,13 @@ between hosts, shared memory on one, CUDA IPC for device buffers)::
   within moments of its frame's header, is awaited by probing (backing off).
 - Every request takes one of ucxx's pre-made futures; the notifier refills that pool
   and hands out a budget below its floor, so posting never has to make one on a
-  thread without an event loop (:class:`_Notifier`).
+  thread without an event loop (:mod:`kvxfer.backends.ucx_requests`).
 - Buffers stay referenced until UCX is done with them. Shutting a channel down (a dead
   peer, a handle's abort, close) closes its endpoint, cancelling posted receives; a
   payload can only ever land in a staging buffer, never straight in KV memory. A
-  channel forgets its endpoint's callbacks and leaves the backend when it closes, so a
-  peer that restarts leaves nothing behind.
+  channel forgets its endpoint's callbacks and the requests the close cancelled (or
+  the endpoint keeps its worker alive) and leaves the backend when it closes, so a
+  peer that restarts, or an agent that closes, leaves nothing behind.
 - Endpoints are created with error handling on, so a dead peer fails the pending
   requests (and fires the close callback): the channel raises PeerUnreachable and the
   connection's handles fail, instead of hanging. One endpoint per peer, reused.
@@ -56,7 +57,6 @@ between hosts, shared memory on one, CUDA IPC for device buffers)::
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import itertools
 import logging
@@ -73,6 +73,7 @@ from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
 from ..protocol.frames import HEADER
 from .base import BackendConfig, PeerInfo, parse_host_port
 from .twosided import Abandoned, Channel, Guard, TwoSidedBackend
+from .ucx_requests import Notifier, release_cancelled_requests
 
 log = logging.getLogger("kvxfer.ucx")
 
@@ -111,10 +112,6 @@ HOST_TLS = "^cuda"
 CUDA_TLS = "all"
 _KEY = struct.Struct("!I")  # a channel's payload-tag key, first on each side's stream
 CLOSE_PERIOD_NS = 1_000_000_000  # wait at most 1 s for an endpoint to close
-NOTIFY_PERIOD_NS = 200_000_000  # the notifier looks round at least this often
-# ucxx refills its futures pool to 100 when it is below 50; we post at most this many
-# requests between two refills, so the pool never runs dry.
-FUTURES_BUDGET = 48
 
 
 def ucx_options(host_memory: bool) -> dict[str, str]:
@@ -143,142 +140,6 @@ def _nbytes(buf: object) -> int:
     return memoryview(buf).nbytes  # type: ignore[arg-type]
 
 
-@dataclasses.dataclass(eq=False)
-class _Wait:
-    """A channel thread blocked until ``requests`` have all completed."""
-
-    requests: Sequence[Any]
-    channel: "UcxChannel"
-    event: threading.Event = dataclasses.field(default_factory=threading.Event)
-
-    def done(self) -> bool:
-        return all(r.completed for r in self.requests)
-
-
-class _Notifier:
-    """Wakes the channel threads whose UCX requests completed; one per worker.
-
-    Its thread sleeps in ucxx's request notifier, which the progress thread feeds as it
-    completes requests (the worker is made with ``enable_python_future``), and after
-    each round sets the Event of every waiter whose requests are all done; it also
-    looks round every ``NOTIFY_PERIOD_NS``, so no wake-up is ever lost for long.
-
-    ucxx gives every request a future from a pool, made as asyncio futures, which needs
-    an event loop on the making thread. This thread has a private one (never run; its
-    handler drops the "exception never retrieved" of futures nobody awaits) and refills
-    the pool each round; every post takes one of ``FUTURES_BUDGET`` per refill, so the
-    pool never runs dry and no channel thread ever makes a future.
-
-    Args:
-        worker: a UCXWorker made with ``enable_python_future=True``.
-        name: the agent's name, for the thread's name.
-    """
-
-    def __init__(self, worker: Any, name: str) -> None:
-        self.worker = worker
-        self._cond = threading.Condition()
-        self._budget = 0  # posts allowed until the next refill (under _cond)
-        self._pending = 0  # posts counted but not yet made (under _cond)
-        self._waits: set[_Wait] = set()  # blocked channel threads (under _cond)
-        self._stopped = False  # set once, by stop() or the thread's end
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name=f"kvxfer-ucx-notify[{name}]")
-        self.thread.start()
-
-    def _run(self) -> None:
-        loop = asyncio.new_event_loop()
-        loop.set_exception_handler(lambda _loop, ctx: log.debug("ucxx future: %s", ctx))
-        asyncio.set_event_loop(loop)
-        try:
-            while not self._stopped:
-                self._refill()
-                state = self.worker.wait_request_notifier(period_ns=NOTIFY_PERIOD_NS)
-                if state == ucx.PythonRequestNotifierWaitState.Shutdown:
-                    break
-                if state == ucx.PythonRequestNotifierWaitState.Ready:
-                    self.worker.run_request_notifier()
-                self._wake(_Wait.done)
-        except Exception:  # noqa: BLE001 - never die silently: waiters must hear of it
-            log.exception("the UCX request notifier failed")
-        finally:
-            with self._cond:
-                self._stopped = True
-                self._cond.notify_all()
-            self._wake(lambda w: True)
-            self.worker.clear_python_futures_pool()
-            asyncio.set_event_loop(None)
-            loop.close()
-
-    def _refill(self) -> None:
-        """Top the pool up; allow as many posts as it surely holds. Posts counted before
-        the refill may take their futures after it, so they come off the new budget."""
-        with self._cond:
-            self._budget, pending = 0, self._pending
-        self.worker.populate_python_futures_pool()
-        with self._cond:
-            self._budget = max(0, FUTURES_BUDGET - pending)
-            self._cond.notify_all()
-
-    def _wake(self, which: Callable[[_Wait], bool]) -> None:
-        with self._cond:
-            waits = list(self._waits)
-        for w in waits:
-            if which(w):
-                w.event.set()
-
-    def wake_channel(self, channel: "UcxChannel") -> None:
-        """Wake every thread waiting on ``channel`` (it went down)."""
-        self._wake(lambda w: w.channel is channel)
-
-    def post(self, ops: Sequence[Callable[[], Any]]) -> list:
-        """Call each op (it posts one ucxx request and returns it) within the budget."""
-        n = len(ops)
-        with self._cond:  # never held while calling ucxx: its callbacks take it too
-            while self._budget < n:
-                if self._stopped:
-                    raise PeerUnreachable("the UCX worker is stopping")
-                self._cond.wait()
-            self._budget -= n
-            self._pending += n
-        try:
-            return [op() for op in ops]
-        finally:
-            with self._cond:
-                self._pending -= n
-
-    def wait(self, requests: Sequence[Any], channel: "UcxChannel",
-             deadline: Optional[float]) -> None:
-        """Block until every request has completed.
-
-        Raises:
-            PeerUnreachable: ``channel`` went down, the worker stopped, or ``deadline``
-                (monotonic) passed first.
-        """
-        w = _Wait(requests, channel)
-        with self._cond:
-            self._waits.add(w)
-        try:
-            while not w.done():
-                left = None if deadline is None else deadline - time.monotonic()
-                if channel._down is not None or self._stopped or (left is not None
-                                                                  and left <= 0):
-                    why = channel._down or ("the UCX worker stopped" if self._stopped else
-                                            f"no progress within {channel._timeout} s")
-                    raise PeerUnreachable(f"UCX channel is down: {why}")
-                w.event.wait(left)
-                w.event.clear()
-        finally:
-            with self._cond:
-                self._waits.discard(w)
-
-    def stop(self) -> None:
-        """End the thread (waking every waiter); idempotent."""
-        self._stopped = True
-        self.worker.stop_request_notifier_thread()
-        if self.thread is not threading.current_thread():
-            self.thread.join(timeout=10)
-
-
 class UcxChannel(Channel):
     """One UCX endpoint as a frame channel; each call blocks until its requests complete.
 
@@ -300,7 +161,7 @@ class UcxChannel(Channel):
         on_closed: called once the endpoint is closed, with this channel.
     """
 
-    def __init__(self, ep: Any, notifier: _Notifier, recv_key: int,
+    def __init__(self, ep: Any, notifier: Notifier, recv_key: int,
                  on_closed: Callable[["UcxChannel"], None]) -> None:
         self.ep = ep
         self.notifier = notifier
@@ -348,7 +209,8 @@ class UcxChannel(Channel):
             self._down = self._down or str(exc)
             raise PeerUnreachable(f"UCX post failed: {exc}") from exc
         try:
-            self.notifier.wait(requests, self, self._deadline())
+            self.notifier.wait(requests, self, lambda: self._down, self._deadline(),
+                               self._timeout)
             for request in requests:
                 request.check_error()
         except PeerUnreachable:
@@ -485,6 +347,8 @@ class UcxChannel(Channel):
                 self.ep.close_blocking(period=CLOSE_PERIOD_NS, max_attempts=1)
             except Exception as exc:  # noqa: BLE001 - closing a dead endpoint may complain
                 log.debug("closing a UCX endpoint: %s", exc)
+        if left := release_cancelled_requests(self.ep):
+            log.debug("a closed UCX endpoint holds %d unfinished requests", left)
         try:
             self.ep.remove_close_callback()  # it holds this channel: a leak through C++
         except Exception as exc:  # noqa: BLE001
@@ -506,7 +370,7 @@ class UcxBackend(TwoSidedBackend):
         super().__init__(agent_name, listen, dataclasses.replace(config, staged=True))
         self._host, self._port = parse_host_port(listen)
         self._worker: Any = None
-        self._notifier: Optional[_Notifier] = None
+        self._notifier: Optional[Notifier] = None
         self._listener: Any = None
         self._channels: set[UcxChannel] = set()  # open channels (under _lock)
         self._orphans: list[tuple[list, list]] = []  # closed channels' unfinished requests
@@ -528,7 +392,8 @@ class UcxBackend(TwoSidedBackend):
                                      feature_flags=(ucx.Feature.STREAM, ucx.Feature.TAG,
                                                     ucx.Feature.WAKEUP))
             self._worker = ucx.UCXWorker(context, enable_python_future=True)
-            self._notifier = _Notifier(self._worker, self.agent_name)
+            self._notifier = Notifier(self._worker, self.agent_name,
+                                      ucx.PythonRequestNotifierWaitState)
             self._worker.start_progress_thread(polling_mode=False, epoll_timeout=100)
             self._listener = ucx.UCXListener.create(self._worker, self._port,
                                                     self._on_conn_request)

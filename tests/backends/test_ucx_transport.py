@@ -143,3 +143,58 @@ def test_importing_the_backend_leaves_the_environment_alone_but_keeps_ucxx_tunin
         assert "RNDV_THRESH" not in result["options"]  # the environment wins
     else:
         assert result["options"]["RNDV_THRESH"] == "8192"  # ucxx's tuning, ours alone
+
+
+def _resources() -> tuple[int, int, float, int]:
+    """(open fds, OS threads, RSS in MiB, live ucxx exceptions) of this process, freed
+    heap handed back first."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    errors = sum(issubclass(type(o), BaseException) and type(o).__module__.startswith("ucxx")
+                 for o in gc.get_objects())
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # glibc keeps freed heap
+    if trim is not None:
+        trim(0)
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return len(os.listdir("/proc/self/fd")), len(os.listdir("/proc/self/task")), rss, errors
+
+
+def test_agents_that_close_leave_no_ucx_worker_behind():
+    """Every reader thread waits for a header with a stream receive, which UCX cannot
+    cancel; ucxx's endpoint kept that request after closing, and through it the whole
+    worker (11 fds and 4 MiB per agent), and the request's future its exception.
+    Pairs of agents that each do one read and close leave this process as they found
+    it."""
+    import torch
+
+    import kvxfer
+    from kvxfer.backends.ucx_requests import _canceling_size
+
+    assert _canceling_size() is not None  # the remedy is there (see its docstring)
+
+    def cache(fill: float) -> kvxfer.KVLayout:
+        return kvxfer.KVLayout.vllm([torch.full((2, 8, 4, 2, 16), fill, dtype=torch.float16)
+                                     for _ in range(2)])
+
+    def pair(i: int) -> None:
+        src, dst = cache(7.0), cache(0.0)
+        with kvxfer.Agent(f"src{i}", backend="ucx") as a, \
+                kvxfer.Agent(f"dst{i}", backend="ucx") as b:
+            a.register_kv_cache(src)
+            b.register_kv_cache(dst)
+            b.read(b.add_peer(a.metadata()), [1], [2]).wait(20)
+        assert all(r.view[2].eq(7).all().item() for r in dst.regions)
+
+    for i in range(5):  # warm-up: imports, UCX's and torch's one-off allocations
+        pair(i)
+    fds, threads, rss, errors = _resources()
+    for i in range(5, 35):
+        pair(i)
+    fds_after, threads_after, rss_after, errors_after = _resources()
+    assert fds_after - fds <= 3, f"{fds_after - fds} fds more after 30 pairs"
+    assert threads_after - threads <= 2, f"{threads_after - threads} threads more"
+    assert rss_after - rss < 16, f"RSS grew {rss_after - rss:.1f} MiB over 30 pairs"
+    assert errors_after - errors <= 1, "the failed requests' exceptions stay alive"
