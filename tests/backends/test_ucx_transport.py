@@ -193,7 +193,14 @@ def test_agents_that_close_leave_no_ucx_worker_behind():
     fds, threads, rss, errors = _resources()
     for i in range(5, 35):
         pair(i)
-    fds_after, threads_after, rss_after, errors_after = _resources()
+    # Closing finishes asynchronously (UCX's own threads); on a loaded machine the last
+    # few pairs may still be going: give them a few seconds, a leak stays.
+    deadline = time.monotonic() + 5
+    while True:
+        fds_after, threads_after, rss_after, errors_after = _resources()
+        if fds_after - fds <= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert fds_after - fds <= 3, f"{fds_after - fds} fds more after 30 pairs"
     assert threads_after - threads <= 2, f"{threads_after - threads} threads more"
     assert rss_after - rss < 16, f"RSS grew {rss_after - rss:.1f} MiB over 30 pairs"
