@@ -2,46 +2,32 @@
 
 An Agent owns one backend, one registered KV cache, its peers and a watchdog thread
 that fails transfers past their deadline. It turns block-id requests into chunks
-(:mod:`kvxfer.plan`) and hands them to the backend with a :class:`TransferHandle`.
+(:mod:`kvxfer.plan`) and hands them, through its :class:`~kvxfer.pipeline.TransferGate`
+(at most ``max_inflight_transfers`` at once), to the backend with a
+:class:`TransferHandle`. Layer-wise streams and their receiving side are in
+:mod:`kvxfer.streams`.
 """
 
 from __future__ import annotations
 
-import base64
 import itertools
-import json
 import threading
 import time
 from typing import Any, Iterable, Sequence
 
-from .backends import BackendConfig, BackendPeer, PeerInfo, get_backend
+from .backends import BackendConfig, get_backend
 from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolError
-from .handle import TransferHandle
-from .layout import KVLayout, LayoutDescriptor
+from .handle import DEMAND, TransferHandle
+from .layout import KVLayout
 from .memory import RegisteredMemory
-from .plan import MAX_CHUNK_BYTES, chunk_size, merge_runs, plan_chunks
+from .metadata import Peer, decode_metadata, encode_metadata
+from .pipeline import TransferGate
+from .plan import (MAX_CHUNK_BYTES, Message, chunk_size, merge_runs, plan_chunks,
+                   plan_layer_chunks)
+from .protocol.frames import NOTE_FINISHED, NOTE_USER, Note, decode_note, encode_note
+from .streams import IncomingTable, IncomingTransfer, StreamHandle, WriteStream, stream_messages
 
-METADATA_MAGIC = b"KVXM1"
-MAX_NOTIFY = 64 << 10
-WATCHDOG_PERIOD = 0.05
-
-
-class Peer:
-    """A remote agent this agent can read from and write to (from :meth:`Agent.add_peer`)."""
-
-    def __init__(self, info: PeerInfo, conn: BackendPeer, metadata: bytes) -> None:
-        self.name = info.name
-        self.address = info.address
-        self.descriptor: LayoutDescriptor = info.descriptor
-        self._conn = conn
-        self._metadata = metadata  # what it was added with: the same bytes reuse it
-
-    @property
-    def alive(self) -> bool:
-        return self._conn.alive
-
-    def __repr__(self) -> str:
-        return f"Peer({self.name!r} at {self.address}, {'up' if self.alive else 'down'})"
+__all__ = ["Agent", "Peer", "decode_metadata"]
 
 
 def _order_stream_after(stream: Any, memory: RegisteredMemory) -> None:
@@ -53,24 +39,8 @@ def _order_stream_after(stream: Any, memory: RegisteredMemory) -> None:
     done.record(memory.thread_stream())
     stream.wait_event(done)
 
-
-def decode_metadata(data: bytes) -> PeerInfo:
-    """Parse another agent's :meth:`Agent.metadata` bytes.
-
-    Raises:
-        RemoteProtocolError: the bytes are not kvxfer agent metadata.
-    """
-    data = bytes(data)
-    if not data.startswith(METADATA_MAGIC):
-        raise RemoteProtocolError("not kvxfer agent metadata (bad magic)")
-    try:
-        raw = json.loads(data[len(METADATA_MAGIC):].decode())
-        descriptor = LayoutDescriptor.from_bytes(json.dumps(raw["descriptor"]).encode())
-        return PeerInfo(name=str(raw["name"]), backend=str(raw["backend"]),
-                        address=str(raw["address"]), descriptor=descriptor,
-                        backend_metadata=base64.b64decode(raw["backend_metadata"]))
-    except (ValueError, KeyError, TypeError, KvxferError) as exc:
-        raise RemoteProtocolError(f"malformed agent metadata: {exc}") from exc
+MAX_NOTIFY = 64 << 10
+WATCHDOG_PERIOD = 0.05
 
 
 class Agent:
@@ -91,6 +61,11 @@ class Agent:
             notify fails on the writer's side (tcp, ucx: RemoteError E_BACKLOG, the
             message not delivered) or its message waits inside the backend (nixl, whose
             writer has finished by then) until this side reads its notifications.
+        max_inflight_transfers: transfers running at once, across peers; past it,
+            reads and writes queue (demand before prefetch), never fail for load
+            (:attr:`queued_transfers` is the queue's depth).
+        max_incoming: incoming streams (:meth:`incoming`) the engine has not asked
+            about that are held; past it, a writer's stream fails with E_BACKLOG.
 
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
@@ -100,7 +75,8 @@ class Agent:
     def __init__(self, name: str, backend: str = "tcp", listen: str = "127.0.0.1:0", *,
                  chunk_bytes: int = 4 << 20, max_inflight: int = 4,
                  transfer_timeout: float = 30.0, connect_timeout: float = 10.0,
-                 staged: bool = False, max_unread_notify_bytes: int = 64 << 20) -> None:
+                 staged: bool = False, max_unread_notify_bytes: int = 64 << 20,
+                 max_inflight_transfers: int = 64, max_incoming: int = 4096) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("an agent needs a non-empty name")
         if max_unread_notify_bytes < MAX_NOTIFY:
@@ -126,6 +102,8 @@ class Agent:
         self._notes_bytes = 0
         self.max_unread_notify_bytes = max_unread_notify_bytes
         self._pending: set[TransferHandle] = set()
+        self._gate = TransferGate(max_inflight_transfers)
+        self._incoming = IncomingTable(max_incoming)
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, daemon=True,
@@ -195,11 +173,9 @@ class Agent:
     def metadata(self) -> bytes:
         """Bytes a peer passes to its :meth:`add_peer` to reach this agent."""
         self._check_open()
-        body = {"name": self.name, "backend": self.backend_name,
-                "address": self.backend.address(),
-                "descriptor": json.loads(self.layout.descriptor.to_bytes()),
-                "backend_metadata": base64.b64encode(self.backend.backend_metadata()).decode()}
-        return METADATA_MAGIC + json.dumps(body, separators=(",", ":")).encode()
+        return encode_metadata(self.name, self.backend_name, self.backend.address(),
+                               self.layout.descriptor.to_bytes(),
+                               self.backend.backend_metadata())
 
     def add_peer(self, metadata: bytes) -> Peer:
         """Connect to the agent whose :meth:`metadata` this is.
@@ -251,7 +227,7 @@ class Agent:
     # ------------------------------------------------------------ transfers
     def read(self, peer: Peer, remote_blocks: Sequence[int], local_blocks: Sequence[int],
              layers: Iterable[int] | None = None, timeout: float | None = None,
-             stream: Any = None) -> TransferHandle:
+             stream: Any = None, priority: str = DEMAND) -> TransferHandle:
         """Pull the peer's blocks into ours: ``remote_blocks[i]`` -> ``local_blocks[i]``.
 
         Args:
@@ -265,6 +241,9 @@ class Agent:
                 for the device. Without it the blocks are ready for any stream once the
                 handle is done (the backend waited for its own stream, never the
                 engine's or the device).
+            priority: "demand" (default) or "prefetch". A peer's queued prefetch chunks
+                go only when no demand chunk is waiting (both count in max_inflight);
+                a prefetch can be cancelled like any transfer.
 
         Returns:
             A TransferHandle; ``wait_layer(i)`` returns as soon as layer i has landed.
@@ -276,13 +255,13 @@ class Agent:
                 or the peer is not ours.
             AgentClosed: the agent is closed.
         """
-        handle = self._submit("read", peer, local_blocks, remote_blocks, layers, b"", timeout,
-                              None, stream)
-        return handle
+        return self._submit("read", peer, local_blocks, remote_blocks, layers, b"", timeout,
+                            None, stream, priority)
 
     def write(self, peer: Peer, local_blocks: Sequence[int], remote_blocks: Sequence[int],
               layers: Iterable[int] | None = None, notify: bytes = b"",
-              timeout: float | None = None, event: Any = None) -> TransferHandle:
+              timeout: float | None = None, event: Any = None,
+              priority: str = DEMAND) -> TransferHandle:
         """Push our blocks into the peer's: ``local_blocks[i]`` -> ``remote_blocks[i]``.
 
         Args:
@@ -310,11 +289,66 @@ class Agent:
             raise TypeError(f"event must be a torch.cuda.Event (or have query()), got "
                             f"{type(event).__name__}")
         return self._submit("write", peer, local_blocks, remote_blocks, layers, notify, timeout,
-                            event, None)
+                            event, None, priority)
+
+    def write_stream(self, peer: Peer, local_blocks: Sequence[int], remote_blocks: Sequence[int],
+                     request: bytes, layers: Iterable[int] | None = None,
+                     timeout: float | None = None, priority: str = DEMAND) -> WriteStream:
+        """A write that sends each layer as soon as the engine says it is computed.
+
+        Call ``s.layer_ready(i, event)`` after computing layer i and ``s.finish()`` at
+        the end; the peer's :meth:`incoming` (``request``) sees each layer land.
+
+        Args:
+            request: the key the receiver asks :meth:`incoming` for (at most 1 KiB);
+                unique among this agent's streams to that peer while they run.
+            others: as for :meth:`write`.
+
+        Returns:
+            A :class:`~kvxfer.streams.WriteStream`; ``s.handle`` is its TransferHandle.
+
+        Raises:
+            As for :meth:`write`.
+        """
+        return self._submit("write", peer, local_blocks, remote_blocks, layers, b"", timeout,
+                            None, None, priority, key=bytes(request))
+
+    def incoming(self, request: bytes, peer: Peer | str | None = None) -> IncomingTransfer:
+        """What has landed of the stream ``request`` a peer writes to us.
+
+        Asked before or after its first bytes arrive, the same object answers:
+        ``wait_layer(i)`` returns once layer i is in our blocks, ``wait()`` once the
+        writer finished. Held in a bounded table (see ``max_incoming``).
+
+        Args:
+            request: the key the writer passed to :meth:`write_stream`.
+            peer: the writing peer (a Peer or its name); default: the only peer added.
+
+        Raises:
+            ValueError: no peer given and this agent has not exactly one.
+        """
+        if peer is None:
+            names = list(self.peers)
+            if len(names) != 1:
+                raise ValueError(f"incoming() needs peer= when an agent has {len(names)} "
+                                 "peers")
+            peer = names[0]
+        name = peer.name if isinstance(peer, Peer) else str(peer)
+        return self._incoming.get(name, bytes(request))
+
+    @property
+    def queued_transfers(self) -> int:
+        """Transfers waiting for one of the ``max_inflight_transfers`` slots."""
+        return self._gate.queued
+
+    @property
+    def running_transfers(self) -> int:
+        """Transfers handed to the backend and not yet done."""
+        return self._gate.running
 
     def _submit(self, op: str, peer: Peer, local: Sequence[int], remote: Sequence[int],
                 layers: Iterable[int] | None, notify: bytes, timeout: float | None,
-                event: Any, stream: Any) -> TransferHandle:
+                event: Any, stream: Any, priority: str, key: bytes | None = None) -> Any:
         self._check_open()
         layout, memory = self.layout, self._memory
         assert memory is not None
@@ -341,33 +375,54 @@ class Agent:
         layer_list = layout.normalize_layers(layers)
         total = sum(n for _, _, n in runs) * memory.layer_block_bytes * len(layer_list)
         size = chunk_size(total, self.config.chunk_bytes, self.config.max_inflight)
-        chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, size)
         deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
-        handle = TransferHandle(next(self._ids), peer.name, op, layer_list, chunks, notify,
-                                deadline, source_event=event)
+        if key is not None:  # a write stream: one layer per chunk, a note per layer
+            chunks = plan_layer_chunks(runs, layer_list, memory.layer_block_bytes, size)
+            handle: TransferHandle = StreamHandle(
+                next(self._ids), peer.name, op, layer_list, chunks, b"", deadline,
+                messages=stream_messages(key, layer_list, len(chunks)), priority=priority,
+                key=key)
+        else:
+            chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, size)
+            messages = [Message(len(chunks), None, encode_note(Note(NOTE_USER, message=notify)))
+                        ] if notify else []
+            handle = TransferHandle(next(self._ids), peer.name, op, layer_list, chunks, notify,
+                                    deadline, source_event=event, messages=messages,
+                                    priority=priority)
         if stream is not None:
             handle.before_done = lambda: _order_stream_after(stream, memory)
+        result = WriteStream(handle, MAX_NOTIFY) if key is not None else handle  # type: ignore
         if handle.done():
-            return handle
+            return result
         with self._lock:
             self._check_open()
             self._pending.add(handle)
         handle.quiesce = self.backend.quiesce
         handle.add_done_callback(self._forget)
-        self.backend.submit(peer._conn, handle)
-        return handle
+        self._gate.admit(handle, lambda h: self.backend.submit(peer._conn, h))
+        return result
 
     def _forget(self, handle: TransferHandle) -> None:
         with self._lock:
             self._pending.discard(handle)
 
     # --------------------------------------------------------- notifications
-    def _on_notify(self, peer: str, message: bytes) -> bool:
+    def _on_notify(self, peer: str, raw: bytes) -> bool:
+        """A backend delivers a note (see frames.encode_note); False: not taken (full).
+
+        Raises:
+            RemoteProtocolError: the note is malformed.
+        """
+        note = decode_note(raw)
+        message = note.message if note.kind in (NOTE_USER, NOTE_FINISHED) else b""
         with self._lock:
             if self._notes_bytes + len(message) > self.max_unread_notify_bytes:
                 return False
-            self._notes.append((peer, message))
-            self._notes_bytes += len(message)
+            if note.kind != NOTE_USER and not self._incoming.deliver(peer, note):
+                return False
+            if message:
+                self._notes.append((peer, message))
+                self._notes_bytes += len(message)
             return True
 
     def notifications(self) -> list[tuple[str, bytes]]:

@@ -34,11 +34,14 @@ import time
 from typing import Any, Callable, Generator, Sequence
 
 from .errors import TransferFailed, TransferTimeout
-from .plan import Chunk
+from .plan import Chunk, Message
 
 log = logging.getLogger("kvxfer.handle")
 
 PENDING, DONE, FAILED, CANCELLED = "pending", "done", "failed", "cancelled"
+DEMAND, PREFETCH = "demand", "prefetch"
+PRIORITIES = (DEMAND, PREFETCH)
+READY, LATER, POLL = 0, 1, 2  # readiness() of a part
 ABORT_AFTER = 0.5  # seconds a failure waits for a backend call before aborting it
 
 
@@ -47,20 +50,32 @@ class TransferHandle:
 
     def __init__(self, request_id: int, peer: str, op: str, layers: Sequence[int],
                  chunks: Sequence[Chunk], notify: bytes, deadline: float,
-                 source_event: Any = None) -> None:
+                 source_event: Any = None, messages: Sequence[Message] = (),
+                 priority: str = DEMAND) -> None:
+        if priority not in PRIORITIES:
+            raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
         self.request_id = request_id
         self.peer = peer
         self.op = op  # "read" or "write"
         self.layers = tuple(layers)
         self.chunks = tuple(chunks)
+        # Notes for the receiving agent that go after the chunks they announce (a write's
+        # notify, a stream's layer and finish notes); each is acknowledged by the peer.
+        self.messages = tuple(messages)
         self.notify = notify
         self.deadline = deadline  # time.monotonic() after which the transfer fails
         self.nbytes = sum(c.nbytes for c in chunks)
+        # "demand" parts go before queued "prefetch" parts on the same connection; a
+        # prefetch is promoted (promote()) when a demand read joins it.
+        self.priority = priority
         # A write's engine event (torch.cuda.Event, or anything with query()): no byte of
         # the source is read before it has completed. None once it has.
         self._source_event = source_event
         self.data_lock = threading.Lock()  # held by a backend per call touching local blocks
         self.abort: Callable[[], None] | None = None  # set by the backend: break a stuck call
+        # Set by the backend: wakes its sender when a part may have become ready (a layer
+        # signalled, a promotion). Called from the engine's thread; must not block.
+        self.kick: Callable[[], None] | None = None
         # Set by a one-sided backend: returns once nothing it posted for this transfer
         # can touch local memory (see the module docstring). Called by fail(), unlocked.
         self.quiesce: Callable[["TransferHandle"], None] | None = None
@@ -72,13 +87,13 @@ class TransferHandle:
         self._error: TransferFailed | None = None
         self._failing: tuple[str, TransferFailed] | None = None  # set by the first fail()
         self._chunks_left = len(chunks)
-        self._messages_left = 0  # see expect_message()
+        self._messages_left = len(self.messages)
         self._layer_left = dict.fromkeys(self.layers, 0)
         for chunk in chunks:
             for layer in chunk.layers:
                 self._layer_left[layer] += 1
         self._callbacks: list[Callable[["TransferHandle"], Any]] = []
-        if not chunks and not notify:
+        if not chunks and not self.messages:
             self._state = DONE
 
     # -------------------------------------------------------- backend-facing
@@ -87,29 +102,38 @@ class TransferHandle:
         """Still pending and not being failed: a backend should keep working on it."""
         return self._state == PENDING and self._failing is None
 
-    def source_ready(self) -> bool:
-        """Whether the source blocks may be read: no event, or it has completed. Never
-        blocks (backends pass over a transfer that is not ready)."""
+    def readiness(self, part: Chunk | Message) -> int:
+        """Whether ``part`` may go now: READY; LATER (a signal will come, with a kick);
+        POLL (a CUDA event is pending: look again shortly). Never blocks."""
         event = self._source_event
-        if event is None:
-            return True
+        if event is None or isinstance(part, Message):
+            return READY
         if not event.query():
-            return False
+            return POLL
         self._source_event = None
-        return True
+        return READY
 
-    def expect_message(self) -> None:
-        """The backend will also report one :meth:`message_done` (a write's notify sent
-        as a message of its own): the transfer is done only once it has come too."""
-        with self._cond:
-            self._messages_left += 1
+    def note(self, message: Message) -> bytes:
+        """The encoded note ``message`` carries (see :mod:`kvxfer.protocol.frames`)."""
+        return message.note
+
+    def promote(self) -> None:
+        """Make a prefetch a demand transfer: its queued parts overtake other prefetches."""
+        if self.priority != DEMAND:
+            self.priority = DEMAND
+            self._kick()
+
+    def _kick(self) -> None:
+        kick = self.kick
+        if kick is not None:
+            kick()
 
     def chunk_done(self, chunk: Chunk) -> None:
         """A chunk has landed (read) or been acknowledged by the peer (write)."""
         self._count(chunk.layers, chunks=1, messages=0)
 
     def message_done(self) -> None:
-        """A write's notify message (or a chunk-less write) was acknowledged."""
+        """One of ``messages`` was acknowledged by the peer."""
         self._count((), chunks=0, messages=1)
 
     def _count(self, layers: Sequence[int], chunks: int, messages: int) -> None:

@@ -46,6 +46,17 @@ class Chunk:
         return sum(n for _, _, n in self.runs)
 
 
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A part of a write that carries no blocks, only a note for the receiving agent
+    (:func:`kvxfer.protocol.frames.encode_note`): a write's notify, or a stream's
+    "layer landed" / "finished". It goes after the chunks it announces."""
+
+    index: int  # its number on the wire, after the transfer's chunks
+    layer: int | None  # announces this layer's chunks; None: every chunk of the transfer
+    note: bytes = b""  # the encoded note; empty: the handle supplies it (handle.note)
+
+
 def _ids(blocks: Sequence[int], side: str) -> list[int]:
     try:
         ids = [operator.index(b) for b in blocks]
@@ -90,6 +101,17 @@ def _split_runs(runs: Sequence[Run], max_blocks: int, max_runs: int) -> list[lis
             groups[-1].append((lo, ro, take))
             lo, ro, n, room = lo + take, ro + take, n - take, room - take
     return groups if groups[0] else []
+
+
+def plan_layer_chunks(runs: Sequence[Run], layers: Sequence[int], layer_block_bytes: int,
+                      chunk_bytes: int) -> list[Chunk]:
+    """Like :func:`plan_chunks`, but every chunk holds exactly one layer, so each layer
+    can go as soon as the engine has computed it (a write stream)."""
+    chunks: list[Chunk] = []
+    for layer in layers:
+        for c in plan_chunks(runs, [layer], layer_block_bytes, chunk_bytes):
+            chunks.append(Chunk(len(chunks), c.layers, c.runs, c.nbytes))
+    return chunks
 
 
 def chunk_size(total_bytes: int, budget: int, max_inflight: int) -> int:

@@ -10,7 +10,7 @@ import pytest
 
 from kvxfer.errors import RemoteError, TransferFailed, TransferTimeout
 from kvxfer.handle import TransferHandle
-from kvxfer.plan import Chunk
+from kvxfer.plan import Chunk, Message
 
 
 def handle(deadline: float = 5.0) -> TransferHandle:
@@ -213,10 +213,26 @@ def test_no_chunk_counts_once_a_failure_began():
 
 
 def test_a_notify_message_is_awaited_after_the_chunks():
-    h = handle()
-    h.expect_message()
+    chunks = handle().chunks
+    h = TransferHandle(1, "peer", "write", (0, 1, 2), chunks, b"hi", time.monotonic() + 5,
+                       messages=[Message(3, None, b"\x00hi")])
     for c in h.chunks:
         h.chunk_done(c)
     assert h.status == "pending"
     h.message_done()
     assert h.status == "done"
+
+
+def test_an_unknown_priority_is_refused():
+    with pytest.raises(ValueError, match="priority"):
+        TransferHandle(1, "peer", "read", (0,), [], b"", time.monotonic() + 5, priority="urgent")
+
+
+def test_promoting_a_prefetch_wakes_its_backend_once():
+    h = TransferHandle(1, "peer", "read", (0, 1, 2), handle().chunks, b"",
+                       time.monotonic() + 5, priority="prefetch")
+    kicks = []
+    h.kick = lambda: kicks.append(1)
+    h.promote()
+    h.promote()
+    assert h.priority == "demand" and kicks == [1]

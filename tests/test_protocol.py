@@ -175,3 +175,39 @@ def test_payload_taken_in_place_then_from_the_transport():
     conn.payload_received_elsewhere(6)
     assert conn.payload_remaining == 0 and bytes(dest) == b"0123456789"
     assert conn.next_event() is NEED_DATA
+
+
+@pytest.mark.parametrize("note", [
+    F.Note(F.NOTE_USER, message=b"done: req-7"),
+    F.Note(F.NOTE_USER),
+    F.Note(F.NOTE_LAYERS, b"req-42", (0, 31, 5)),
+    F.Note(F.NOTE_FINISHED, b"req-42", message=b"bye"),
+    F.Note(F.NOTE_FINISHED, b"k" * F.MAX_KEY),
+])
+def test_notes_round_trip(note):
+    assert F.decode_note(F.encode_note(note)) == note
+
+
+@pytest.mark.parametrize("raw, match", [
+    (b"", "truncated"),
+    (b"\x09abc", "unknown note kind 9"),
+    (b"\x01\x00\x05abc", "truncated"),
+    (b"\x01\x00\x01k\x00\x02\x00\x01", "truncated"),
+    (b"\x01\x00\x01k\x00\x01\x00\x01zz", "stray bytes"),
+    (b"\x02" + struct.pack("!H", F.MAX_KEY + 1) + b"k" * (F.MAX_KEY + 1), "exceeds"),
+])
+def test_malformed_notes_are_remote_protocol_errors(raw, match):
+    with pytest.raises(RemoteProtocolError, match=match):
+        F.decode_note(raw)
+
+
+def test_a_key_too_long_is_refused_before_it_is_sent():
+    with pytest.raises(ValueError, match="at most"):
+        F.encode_note(F.Note(F.NOTE_LAYERS, b"k" * (F.MAX_KEY + 1), (0,)))
+
+
+def test_a_peer_speaking_version_1_is_refused_naming_both_versions():
+    conn = Connection()
+    conn.receive_data(_header(version=1))
+    with pytest.raises(RemoteProtocolError, match="version 1 .*we speak 2"):
+        conn.next_event()

@@ -5,15 +5,19 @@ Theory of operation
 Two owned threads per connection; the reader never sends and the sender never reads, so
 no two threads can wait on each other through full transport buffers::
 
-    submit(handle) -> ChunkQueue (round-robin, <= max_inflight posted)
+    submit(handle) -> ChunkQueue (demand first, round-robin, <= max_inflight posted)
     sender thread:  READ(req, chunk, layers, runs)            ---->  peer's ServerSide
                     WRITE(req, chunk, ...) + payload           ---->
-                    WRITE(req, last, notify) (a write's notify) --->
+                    WRITE(req, n, note) (a message: notify,    ---->
+                          a stream's layer / finish note)
     reader thread:  DATA + payload -> the blocks (or drained)  <----
                     COMPLETION | ERROR(req, chunk, why)        <----
 
-- A write's notify goes as a frame of its own after the write's last chunk, so a write
-  abandoned in the middle of a frame (cancelled, past its deadline) never delivers it.
+- A write's messages (its notify, a stream's notes) go as frames of their own after the
+  chunks they announce, so a write abandoned in the middle of a frame (cancelled, past
+  its deadline) never delivers them. The sender sleeps until a part may go: the reader
+  frees a slot, the engine signals a layer (``handle.kick``), or, while a write waits
+  for a CUDA event, every ``EVENT_POLL`` seconds.
 - A transfer that stops being active mid-frame does not cost the connection: a
   half-sent frame is finished with filler (no more engine bytes are read), a
   half-received payload is drained, and the peer's answer to it is ignored. Every
@@ -27,14 +31,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import TYPE_CHECKING, Optional, Union
+from typing import TYPE_CHECKING, Optional
 
 from ..errors import AgentClosed, KvxferError, PeerUnreachable, RemoteError, RemoteProtocolError
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
-from ..plan import Chunk
+from ..plan import Chunk, Message
 from ..protocol import CLOSED, Close, Completion, Connection, Data, Error, ReadRequest, Write
-from ..scheduler import ChunkQueue
+from ..scheduler import ChunkQueue, Part
 from .base import BackendPeer
 from .channel import Abandoned, Channel
 from .staging import Staging
@@ -45,22 +49,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvxfer.twosided")
 
 EVENT_POLL = 0.0002  # seconds between looks at a pending write's CUDA event
-
-
-class Notify:
-    """The queue item of a write's notify message; it follows the write's chunks."""
-
-    __slots__ = ("index",)
-
-    def __init__(self, index: int) -> None:
-        self.index = index  # its chunk number on the wire: after the write's chunks
-
-
-Item = Union[Chunk, Notify]
-
-
-def _index(item: Item) -> int:
-    return item.index
 
 
 class ClientSide(BackendPeer):
@@ -74,7 +62,7 @@ class ClientSide(BackendPeer):
         self.encoder = encoder
         self.memory: RegisteredMemory = backend._memory  # type: ignore[assignment]
         self._cond = threading.Condition()
-        self._chunks: ChunkQueue[Item] = ChunkQueue(backend.config.max_inflight)
+        self._chunks = ChunkQueue(backend.config.max_inflight)
         self._dead: Optional[BaseException] = None
         self._send_staging = Staging(self.memory, backend.staging_device)
         self._recv_staging = Staging(self.memory, backend.staging_device)
@@ -94,18 +82,19 @@ class ClientSide(BackendPeer):
             t.start()
 
     def submit(self, handle: TransferHandle) -> None:
-        items: list[Item] = list(handle.chunks)
-        if handle.notify or not items:  # the notify, or a write of no blocks at all
-            items.append(Notify(len(items)))
-            handle.expect_message()
         handle.abort = self.abort
+        handle.kick = self._kick
         with self._cond:
             if self._dead is None:
-                self._chunks.push(handle, items)
+                self._chunks.push(handle, [*handle.chunks, *handle.messages])
                 self._cond.notify_all()
                 return
             dead = self._dead
         handle.fail(PeerUnreachable(f"connection to {self.name!r} is down: {dead}"))
+
+    def _kick(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def abort(self) -> None:
         """Break a send or receive stuck on this connection (a dead link): see handle.py."""
@@ -142,18 +131,19 @@ class ClientSide(BackendPeer):
         self.backend._forget_client(self)
 
     # ----------------------------------------------------------------- sending
-    def _next(self) -> Optional[tuple[TransferHandle, Item, bool]]:
+    def _next(self) -> Optional[tuple[TransferHandle, Part]]:
         with self._cond:
             while True:
                 if self._dead is not None:
                     return None
-                item = self._chunks.next(_index)
+                item = self._chunks.next()
                 if item is not None:
                     return item
-                # Only writes waiting for their engine event: look again soon.
+                # Nothing may go: wait for a slot or a kick; look again soon if some
+                # part waits for a CUDA event.
                 self._cond.wait(EVENT_POLL if self._chunks.waiting else None)
 
-    def _finish(self, request_id: int, chunk: int) -> tuple[TransferHandle, Item]:
+    def _finish(self, request_id: int, chunk: int) -> tuple[TransferHandle, Part]:
         with self._cond:
             entry = self._chunks.finish(request_id, chunk)
             self._cond.notify_all()
@@ -164,7 +154,7 @@ class ClientSide(BackendPeer):
     def _send_loop(self) -> None:
         try:
             while (item := self._next()) is not None:
-                handle, chunk, _ = item
+                handle, chunk = item
                 try:
                     self._send_item(handle, chunk)
                 except Abandoned as exc:
@@ -173,15 +163,15 @@ class ClientSide(BackendPeer):
         except BaseException as exc:  # noqa: BLE001 - any failure ends this connection
             self.die(exc)
 
-    def _send_item(self, handle: TransferHandle, item: Item) -> None:
-        """Send one chunk's frame; a write's payload is read from engine memory only
+    def _send_item(self, handle: TransferHandle, item: Part) -> None:
+        """Send one part's frame; a write's payload is read from engine memory only
         while the handle is active (so a failed or cancelled write stops reading it)."""
         rid = handle.request_id
-        if isinstance(item, Notify):
+        if isinstance(item, Message):  # the request's last frame once it is the final note
             if not handle.active:
                 raise Abandoned(0)
-            self.channel.send(self.encoder.send(Write(rid, item.index, (), (), 0, True,
-                                                      handle.notify)))
+            self.channel.send(self.encoder.send(Write(rid, item.index, (), (), 0,
+                                                      item.layer is None, handle.note(item))))
             return
         if handle.op == "read":
             self.channel.send(self.encoder.send(ReadRequest(rid, item.index, item.layers,
@@ -210,7 +200,7 @@ class ClientSide(BackendPeer):
                     self._on_data(ev)
                 elif isinstance(ev, Completion):
                     handle, item = self._finish(ev.request_id, ev.chunk)
-                    if isinstance(item, Notify):
+                    if isinstance(item, Message):
                         handle.message_done()
                     else:
                         handle.chunk_done(item)

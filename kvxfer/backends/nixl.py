@@ -24,8 +24,9 @@ module holds registration, connecting, ``submit``, the poll loop and notificatio
 
 - A remote block id past the peer's ``num_blocks`` fails that handle only, before
   anything is posted.
-- A write's notify, sent after its data (see :mod:`.nixl_peers`), is handed to the
-  peer's notify sink there by its poll thread; when the sink refuses (its unread
+- A write's messages (its notify, a stream's layer and finish notes), each sent as a
+  NIXL notification once the chunks it announces completed (see :mod:`.nixl_peers`),
+  are handed to the peer's notify sink there by its poll thread; when the sink refuses (its unread
   backlog full), the message is held and NIXL's queue is left undrained until the
   engine reads its notifications.
 - NIXL keys remote agents by name. ``connect`` to a name we already know (a restarted
@@ -60,7 +61,7 @@ from ..memory import RegisteredMemory
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 from .nixl_descriptors import region_table, strided_rows
 # QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
-from .nixl_peers import IDLE_POLL, MESSAGE, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
+from .nixl_peers import IDLE_POLL, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
 
 log = logging.getLogger("kvxfer.nixl")
 
@@ -287,11 +288,15 @@ class NixlBackend(NixlPeerLinks, Backend):
         with self._cond:
             dead = peer.dead or (AgentClosed("agent closed") if self._closed else None)
             if dead is None:
-                peer.queue.push(handle, list(handle.chunks) or [MESSAGE])
-                peer.left[handle.request_id] = len(handle.chunks)
+                handle.kick = self._kick
+                peer.queue.push(handle, [*handle.chunks, *handle.messages])
                 self._cond.notify_all()
                 return
         handle.fail(PeerUnreachable(f"NIXL peer {peer.name!r} is down: {dead}"))
+
+    def _kick(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
 
     def quiesce(self, handle: TransferHandle) -> None:
         rid = handle.request_id
@@ -307,7 +312,9 @@ class NixlBackend(NixlPeerLinks, Backend):
                 with self._cond:
                     if self._closed:
                         return
-                    busy = any(p.queue.busy for p in self._peers)
+                    # Poll hard only while xfers are posted or a CUDA event is pending;
+                    # else sleep (a submit or a signalled layer wakes us at once).
+                    busy = any(p.xfers or p.queue.waiting for p in self._peers)
                     if not busy:
                         self._cond.wait(IDLE_POLL)
                     events = self._step()
@@ -349,5 +356,11 @@ class NixlBackend(NixlPeerLinks, Backend):
 
     def _deliver_notifications(self) -> None:
         """Hand held notifications to the agent in order until it refuses one."""
-        while self._held and self._notify is not None and self._notify(*self._held[0]):
+        while self._held and self._notify is not None:
+            try:
+                if not self._notify(*self._held[0]):
+                    return
+            except RemoteProtocolError as exc:  # a malformed note: drop it, keep the rest
+                log.warning("dropping a malformed notification from %r: %s",
+                            self._held[0][0], exc)
             self._held.popleft()

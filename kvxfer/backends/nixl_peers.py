@@ -32,9 +32,9 @@ blocks into ours; WRITE pushes. The peer's CPU is not involved. A posted xfer's 
   watchdog. A NIXL refusal to build an xfer fails that request only.
 - A dead peer is retired (``_retire``) once none of its xfers is posted any more: its
   descriptor list is released and its remote agent removed.
-- A write's ``notify`` is sent with ``send_notif`` once every chunk of it completed
-  (after the data, on the same UCX endpoint); a write of no blocks queues one
-  ``MESSAGE`` item that sends just the notify.
+- A write's messages (its notify; a stream's layer notes and finish note) are sent with
+  ``send_notif`` once every chunk they announce has completed (the queue holds them
+  back until then: NIXL keeps no order between a notification and earlier xfers).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any, Callable, Optional
 from ..errors import PeerUnreachable, TransferFailed
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
-from ..plan import Chunk
+from ..plan import Message
 from ..scheduler import ChunkQueue
 from .base import BackendPeer
 from .nixl_descriptors import chunk_indices
@@ -57,14 +57,8 @@ log = logging.getLogger("kvxfer.nixl")
 NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
 IDLE_POLL = 0.002  # seconds between polls while nothing is in flight
 QUIESCE_BOUND = 1.5  # seconds quiesce waits for posted xfers before breaking the link
-MESSAGE = None  # queue item of a write of no blocks: just its notify
 Key = tuple[int, int]  # (request id, chunk index)
 Failures = list[tuple[TransferHandle, BaseException]]
-
-
-def chunk_key(item: Optional[Chunk]) -> int:
-    """The chunk-index half of a queue item's :data:`Key` (-1 for :data:`MESSAGE`)."""
-    return -1 if item is None else item.index
 
 
 class NixlPeer(BackendPeer):
@@ -80,9 +74,8 @@ class NixlPeer(BackendPeer):
         self.metadata = metadata  # the backend metadata it was connected with
         self.dlist = dlist  # prepared remote descriptors; None once released
         self.num_blocks = num_blocks
-        self.queue: ChunkQueue[Optional[Chunk]] = ChunkQueue(max_inflight)
+        self.queue = ChunkQueue(max_inflight, messages_after_finish=True)
         self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
-        self.left: dict[int, int] = {}  # request id -> chunks not yet completed
         self.dead: Optional[BaseException] = None  # set once: nothing more is posted
 
     @property
@@ -156,7 +149,6 @@ class NixlPeerLinks:
             log.debug("releasing NIXL descriptors of %r: %s", peer.name, exc)
         peer.dlist = None
         peer.queue.clear()
-        peer.left.clear()
         self._remove_remote(peer.nixl_name)
         if peer in self._peers:
             self._peers.remove(peer)
@@ -204,35 +196,27 @@ class NixlPeerLinks:
         if posted is None:
             return
         handle, chunk = posted
-        if not handle.active or chunk is None:
+        if not handle.active:
             return
         if state == "ERR":  # UCX errors are the endpoint's: the peer is gone
             err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed (chunk "
                                   f"{chunk.index} of {handle.op} #{handle.request_id})")
             events.append((self._fail_all, self._kill(peer, err)))
             return
-        left = peer.left.get(handle.request_id, 0) - 1
-        if left <= 0:
-            peer.left.pop(handle.request_id, None)
-            if handle.op == "write":
-                self._send_notify(peer, handle)
-        else:
-            peer.left[handle.request_id] = left
         events.append((handle.chunk_done, chunk))
 
     def _post_ready(self, peer: NixlPeer, events: list[tuple]) -> None:
         """Post what the queue lets go now (active handles only). Locked."""
         while peer.alive:
-            nxt = peer.queue.next(chunk_key)
+            nxt = peer.queue.next()
             if nxt is None:
                 return
-            handle, chunk, _ = nxt
-            key = (handle.request_id, chunk_key(chunk))
-            if chunk is None:  # a write of no blocks: just the message
+            handle, chunk = nxt
+            key = (handle.request_id, chunk.index)
+            if isinstance(chunk, Message):  # its chunks have all completed
                 peer.queue.finish(*key)
-                peer.left.pop(handle.request_id, None)
                 try:
-                    self._send_notify(peer, handle)
+                    self._agent.send_notif(peer.nixl_name, NOTIFY_PREFIX + handle.note(chunk))
                 except Exception as exc:  # noqa: BLE001
                     events.append((handle.fail, PeerUnreachable(
                         f"NIXL could not send a notification to {peer.name!r}: {exc}")))
@@ -262,7 +246,3 @@ class NixlPeerLinks:
                 err = PeerUnreachable(f"NIXL refused to post chunk {chunk.index} to "
                                       f"{peer.name!r}")
                 events.append((self._fail_all, self._kill(peer, err)))
-
-    def _send_notify(self, peer: NixlPeer, handle: TransferHandle) -> None:
-        if handle.notify:
-            self._agent.send_notif(peer.nixl_name, NOTIFY_PREFIX + handle.notify)

@@ -8,8 +8,8 @@ order and answers every request, each on its own::
     READ(req, chunk, layers, runs)   -> check -> DATA + the blocks' bytes | ERROR
     WRITE(req, chunk, ..., payload)  -> check -> payload into the blocks -> COMPLETION
                                                  | drain the payload -> ERROR
-    WRITE(req, last, notify, no runs) -> deliver the notify (unless a chunk of the
-                                         request was refused) -> COMPLETION | ERROR
+    WRITE(req, n, note, no runs)     -> deliver the note to the agent (unless a chunk
+                                        of the request was refused) -> COMPLETION | ERROR
 
 - ``memory.check`` bounds every request before any work or allocation: layers and
   blocks in range, no block twice, at most one frame's payload. Staging is sized by
@@ -160,13 +160,14 @@ class ServerSide:
             self.memory.unpack_from(w.layers, w.runs, tensor)
         elif w.runs:
             self.channel.recv_payload(self.memory.host_buffers(w.layers, w.runs))
-        if w.last:
-            refused = w.request_id in self.refused
+        refused = w.request_id in self.refused
+        if w.last:  # the request's last frame: no more of it will come
             self.refused.pop(w.request_id, None)
-            if w.notify and not refused and self.backend._notify is not None \
-                    and not self.backend._notify(self.peer, w.notify):
-                self.send(Error(w.request_id, w.chunk, E_BACKLOG,
-                                "the receiver's unread notifications are full; the notify "
-                                "was not delivered (it must call notifications())"))
-                return
+        if w.notify and not refused and self.backend._notify is not None \
+                and not self.backend._notify(self.peer, w.notify):
+            self.send(Error(w.request_id, w.chunk, E_BACKLOG,
+                            "the receiver's unread notifications (or incoming streams) "
+                            "are full; the note was not delivered (it must call "
+                            "notifications() or incoming())"))
+            return
         self.send(Completion(w.request_id, w.chunk))

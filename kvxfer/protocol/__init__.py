@@ -2,11 +2,12 @@
 
 from .connection import CLOSED, NEED_DATA, Connection, Event, PayloadData
 from .frames import (E_BACKLOG, E_CLOSING, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, HEADER_SIZE,
-                     MAGIC, VERSION, Close, Completion, Data, Error, Frame, Hello, ReadRequest,
-                     Write)
+                     MAGIC, NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, VERSION, Close, Completion,
+                     Data, Error, Frame, Hello, Note, ReadRequest, Write, decode_note, encode_note)
 
 __all__ = [
     "CLOSED", "Close", "Completion", "Connection", "Data", "E_BACKLOG", "E_CLOSING", "E_INTERNAL",
     "E_LAYOUT", "E_PROTOCOL", "E_RANGE", "E_SIZE", "Error", "Event", "Frame", "HEADER_SIZE", "Hello",
-    "MAGIC", "NEED_DATA", "PayloadData", "ReadRequest", "VERSION", "Write",
+    "MAGIC", "NEED_DATA", "NOTE_FINISHED", "NOTE_LAYERS", "NOTE_USER", "Note", "PayloadData",
+    "ReadRequest", "VERSION", "Write", "decode_note", "encode_note",
 ]

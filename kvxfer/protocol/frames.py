@@ -16,10 +16,20 @@ Bodies (``runs`` are (first block id, block count) pairs on the receiver's side)
     HELLO       u16 name_len, name, u32 desc_len, descriptor (JSON of LayoutDescriptor)
     READ        u64 request, u32 chunk, u16 n_layers, u32 n_runs, n_layers*u16, n_runs*(u32,u32)
     WRITE       as READ, then u32 notify_len, notify     (payload: the chunk's bytes)
+                (no runs, notify set: a message for the receiving agent, a note below)
     DATA        u64 request, u32 chunk                   (payload: the chunk's bytes)
     COMPLETION  u64 request, u32 chunk
     ERROR       u64 request, u32 chunk, u16 code, u16 msg_len, msg (utf-8)
     CLOSE       u16 reason_len, reason
+
+A WRITE's notify is a note for the receiving agent, delivered once the chunks before it
+on the connection have landed (version 2; version 1 carried the user's bytes bare)::
+
+    NOTE_USER      u8 0, user bytes                      a write's notify
+    NOTE_LAYERS    u8 1, u16 key_len, key, u16 n, n*u16   these layers of stream `key`
+                                                         have landed
+    NOTE_FINISHED  u8 2, u16 key_len, key, user bytes    stream `key` is complete; its
+                                                         notify (may be empty)
 
 A chunk's payload is, in this order: for each layer listed, for each part (K, V or the
 MLA latent), for each run, the run's blocks. The packing module draws the same order.
@@ -38,7 +48,7 @@ from typing import Union
 from ..errors import RemoteProtocolError
 
 MAGIC = b"KVXF"
-VERSION = 1
+VERSION = 2  # 2: a WRITE's notify is a typed note (encode_note)
 HEADER = struct.Struct("!4sBBHIQ")
 HEADER_SIZE = HEADER.size  # 20
 
@@ -55,6 +65,9 @@ _ERR = struct.Struct("!QIHH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 MAX_NAME = 1024
+MAX_KEY = 1024  # bytes of a stream's request key
+NOTE_USER, NOTE_LAYERS, NOTE_FINISHED = range(3)
+_U8 = struct.Struct("!B")
 # Largest payload of one frame (one chunk). A receiver refuses a larger frame, or a READ
 # that would need a larger answer, before it allocates anything; senders plan chunks
 # below it.
@@ -243,3 +256,49 @@ def decode_body(h: Header, body: memoryview) -> Frame:
         frame = Close(r.text(n))
     r.end()
     return frame
+
+
+@dataclass(frozen=True, slots=True)
+class Note:
+    """What a WRITE's notify tells the receiving agent (see the module docstring)."""
+
+    kind: int  # NOTE_USER, NOTE_LAYERS or NOTE_FINISHED
+    key: bytes = b""  # the stream's request key (NOTE_LAYERS, NOTE_FINISHED)
+    layers: tuple[int, ...] = ()  # NOTE_LAYERS: the layers that landed
+    message: bytes = b""  # NOTE_USER, NOTE_FINISHED: the engine's notify
+
+
+def encode_note(note: Note) -> bytes:
+    """Bytes of a note, for a WRITE's notify field (or a NIXL notification)."""
+    if note.kind == NOTE_USER:
+        return _U8.pack(NOTE_USER) + note.message
+    if len(note.key) > MAX_KEY:
+        raise ValueError(f"a stream's request key has at most {MAX_KEY} bytes, "
+                         f"got {len(note.key)}")
+    head = _U8.pack(note.kind) + _U16.pack(len(note.key)) + note.key
+    if note.kind == NOTE_LAYERS:
+        return head + _U16.pack(len(note.layers)) + struct.pack(f"!{len(note.layers)}H",
+                                                                *note.layers)
+    if note.kind == NOTE_FINISHED:
+        return head + note.message
+    raise ValueError(f"unknown note kind {note.kind}")
+
+
+def decode_note(raw: bytes | memoryview) -> Note:
+    """Parse a note; RemoteProtocolError if it is malformed."""
+    r = _Reader(memoryview(raw))
+    (kind,) = r.unpack(_U8)
+    if kind == NOTE_USER:
+        return Note(NOTE_USER, message=bytes(r.take(len(r.buf) - r.pos)))
+    if kind not in (NOTE_LAYERS, NOTE_FINISHED):
+        raise RemoteProtocolError(f"unknown note kind {kind}")
+    (n,) = r.unpack(_U16)
+    if n > MAX_KEY:
+        raise RemoteProtocolError(f"request key of {n} bytes exceeds {MAX_KEY}")
+    key = bytes(r.take(n))
+    if kind == NOTE_FINISHED:
+        return Note(NOTE_FINISHED, key, message=bytes(r.take(len(r.buf) - r.pos)))
+    (count,) = r.unpack(_U16)
+    layers = struct.unpack(f"!{count}H", r.take(2 * count))
+    r.end()
+    return Note(NOTE_LAYERS, key, layers)

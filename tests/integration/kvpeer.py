@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,6 +70,12 @@ def block_bytes(layout: kvxfer.KVLayout, ids: list[int]) -> list[bytes]:
     """Per region, the bytes of blocks ``ids`` in that order."""
     return [r.view[ids].contiguous().view(torch.uint8).numpy().tobytes()
             for r in layout.regions]
+
+
+def layer_block_bytes(layout: kvxfer.KVLayout, layer: int, ids: list[int]) -> list[bytes]:
+    """Like :func:`block_bytes`, for the regions of one layer."""
+    return [r.view[ids].contiguous().view(torch.uint8).numpy().tobytes()
+            for r in layout.regions if r.layer == layer]
 
 
 BACKENDS = ["tcp", "ucx", "nixl"]
@@ -136,6 +143,28 @@ def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
                 conn.send(block_bytes(layout, list(args[1])))
             elif cmd == "notes":
                 conn.send(agent.notifications())
+            elif cmd == "layer_blocks":  # (spec, layer, ids): that layer's bytes only
+                conn.send(layer_block_bytes(layout, args[1], list(args[2])))
+            elif cmd == "incoming":  # (spec, peer name, key, timeout): wait for it
+                name, key, timeout = args[1:]
+                inc = agent.incoming(key, name)
+                try:
+                    inc.wait(timeout)
+                    conn.send(("done", sorted(inc.layers_landed)))
+                except kvxfer.KvxferError as exc:
+                    conn.send((f"failed: {exc}", sorted(inc.layers_landed)))
+            elif cmd == "stream_to":  # (spec, meta, local, remote, key, order, gap s)
+                meta, local, remote, key, order, gap = args[1:]
+                s = agent.write_stream(agent.add_peer(meta), local, remote, key)
+                for layer in order:
+                    time.sleep(gap)
+                    s.layer_ready(layer)
+                s.finish(b"streamed " + key)
+                try:
+                    s.handle.wait(30)
+                    conn.send("ok")
+                except kvxfer.KvxferError as exc:
+                    conn.send(f"failed: {exc}")
             elif cmd == "read_from":  # the peer initiates: read blocks from the test's agent
                 meta, remote, local = args[1:]
                 peer = agent.add_peer(meta)
