@@ -21,7 +21,7 @@ from .handle import DEMAND, TransferHandle
 from .layout import KVLayout
 from .memory import RegisteredMemory
 from .metadata import Peer, decode_metadata, encode_metadata
-from .pipeline import TransferGate
+from .pipeline import JoinedRead, PrefetchFills, TransferGate
 from .plan import (MAX_CHUNK_BYTES, Message, chunk_size, merge_runs, plan_chunks,
                    plan_layer_chunks)
 from .protocol.frames import NOTE_FINISHED, NOTE_USER, Note, decode_note, encode_note
@@ -103,6 +103,7 @@ class Agent:
         self.max_unread_notify_bytes = max_unread_notify_bytes
         self._pending: set[TransferHandle] = set()
         self._gate = TransferGate(max_inflight_transfers)
+        self._fills = PrefetchFills()  # what pending prefetch reads fill
         self._incoming = IncomingTable(max_incoming)
         self._ids = itertools.count(1)
         self._stop = threading.Event()
@@ -243,7 +244,12 @@ class Agent:
                 engine's or the device).
             priority: "demand" (default) or "prefetch". A peer's queued prefetch chunks
                 go only when no demand chunk is waiting (both count in max_inflight);
-                a prefetch can be cancelled like any transfer.
+                a prefetch can be cancelled like any transfer. A demand read whose
+                every block a pending prefetch is filling from the same remote block
+                (for these layers) waits for that prefetch, promoted to demand, instead
+                of moving the bytes again; if the prefetch fails or is cancelled, the
+                read fetches those blocks itself. Cancelling such a read leaves the
+                prefetch running.
 
         Returns:
             A TransferHandle; ``wait_layer(i)`` returns as soon as layer i has landed.
@@ -382,6 +388,9 @@ class Agent:
                 next(self._ids), peer.name, op, layer_list, chunks, b"", deadline,
                 messages=stream_messages(key, layer_list, len(chunks)), priority=priority,
                 key=key)
+        elif op == "read" and priority == DEMAND and stream is None and \
+                (sources := self._fills.covering(peer.name, runs, layer_list)):
+            return self._join(peer, layer_list, deadline, sources)
         else:
             chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, size)
             messages = [Message(len(chunks), None, encode_note(Note(NOTE_USER, message=notify)))
@@ -399,8 +408,25 @@ class Agent:
             self._pending.add(handle)
         handle.quiesce = self.backend.quiesce
         handle.add_done_callback(self._forget)
+        if op == "read" and priority != DEMAND:
+            self._fills.add(peer.name, runs, handle)
         self._gate.admit(handle, lambda h: self.backend.submit(peer._conn, h))
         return result
+
+    def _join(self, peer: Peer, layers: list[int], deadline: float,
+              sources: dict[TransferHandle, list]) -> JoinedRead:
+        """A demand read whose blocks pending prefetches already fill: follow them."""
+        def refetch(pairs: list) -> TransferHandle:
+            return self._submit("read", peer, [lo for lo, _, _ in pairs],
+                                [ro for _, ro, _ in pairs], layers, b"",
+                                max(1e-3, deadline - time.monotonic()), None, None, DEMAND)
+
+        handle = JoinedRead(next(self._ids), peer.name, layers, deadline, sources, refetch)
+        with self._lock:
+            self._check_open()
+            self._pending.add(handle)
+        handle.add_done_callback(self._forget)
+        return handle
 
     def _forget(self, handle: TransferHandle) -> None:
         with self._lock:

@@ -51,7 +51,7 @@ class TransferHandle:
     def __init__(self, request_id: int, peer: str, op: str, layers: Sequence[int],
                  chunks: Sequence[Chunk], notify: bytes, deadline: float,
                  source_event: Any = None, messages: Sequence[Message] = (),
-                 priority: str = DEMAND) -> None:
+                 priority: str = DEMAND, depends: int = 0) -> None:
         if priority not in PRIORITIES:
             raise ValueError(f"priority must be one of {PRIORITIES}, got {priority!r}")
         self.request_id = request_id
@@ -88,12 +88,16 @@ class TransferHandle:
         self._failing: tuple[str, TransferFailed] | None = None  # set by the first fail()
         self._chunks_left = len(chunks)
         self._messages_left = len(self.messages)
-        self._layer_left = dict.fromkeys(self.layers, 0)
+        # Other transfers this one waits for (a demand read that joined prefetches:
+        # kvxfer.pipeline.JoinedRead); each also counts once per layer.
+        self._deps_left = depends
+        self._layer_left = dict.fromkeys(self.layers, depends)
+        self._layer_watchers: list[Callable[[int], None]] = []
         for chunk in chunks:
             for layer in chunk.layers:
                 self._layer_left[layer] += 1
         self._callbacks: list[Callable[["TransferHandle"], Any]] = []
-        if not chunks and not self.messages:
+        if not chunks and not self.messages and not depends:
             self._state = DONE
 
     # -------------------------------------------------------- backend-facing
@@ -136,22 +140,46 @@ class TransferHandle:
         """One of ``messages`` was acknowledged by the peer."""
         self._count((), chunks=0, messages=1)
 
-    def _count(self, layers: Sequence[int], chunks: int, messages: int) -> None:
+    def _count(self, layers: Sequence[int], chunks: int, messages: int, deps: int = 0) -> None:
+        landed = []
         with self._cond:
             if not self.active:  # done, failed, or being failed: nothing more counts
                 return
             for layer in layers:
                 self._layer_left[layer] -= 1
+                if self._layer_left[layer] == 0:
+                    landed.append(layer)
             self._chunks_left -= chunks
             self._messages_left -= messages
-            finished = self._chunks_left <= 0 and self._messages_left <= 0
+            self._deps_left -= deps
+            finished = self._chunks_left <= 0 and self._messages_left <= 0 \
+                and self._deps_left <= 0
             if finished:
                 if self.before_done is not None:
                     self.before_done()
                 self._state = DONE
             self._cond.notify_all()
+            watchers = list(self._layer_watchers) if landed else []
+        for fn in watchers:
+            for layer in landed:
+                self._call_watcher(fn, layer)
         if finished:
             self._run_callbacks()
+
+    def watch_layers(self, fn: Callable[[int], None]) -> None:
+        """Call ``fn(layer)`` as each layer lands (at once for those already in)."""
+        with self._cond:
+            self._layer_watchers.append(fn)
+            landed = [layer for layer, left in self._layer_left.items() if left <= 0]
+        for layer in landed:
+            self._call_watcher(fn, layer)
+
+    def _call_watcher(self, fn: Callable[[int], None], layer: int) -> None:
+        try:
+            fn(layer)
+        except Exception:  # noqa: BLE001 - as for done-callbacks
+            log.exception("layer watcher %r of %s #%d raised; ignored", fn, self.op,
+                          self.request_id)
 
     def fail(self, exc: BaseException, state: str = FAILED) -> bool:
         """Fail the transfer with ``exc`` (wrapped in TransferFailed); first call wins.

@@ -15,15 +15,21 @@ never fail or be dropped for load. So the Agent passes every handle through a ga
 - A queued handle is an ordinary pending handle: it can be waited on, cancelled (it then
   never reaches the backend) and it fails at its deadline like any other.
 - ``queued`` and ``running`` tell the engine the depth of the queue.
+
+A demand read whose blocks an in-flight prefetch is already filling from the same
+remote blocks does not move them again: :class:`PrefetchFills` knows what each pending
+prefetch fills, and a :class:`JoinedRead` follows those prefetches (promoted to demand)
+instead of reading itself.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
-from .handle import DEMAND, TransferHandle
+from .handle import DEMAND, DONE, TransferHandle
+from .plan import Run
 
 Submit = Callable[[TransferHandle], None]
 
@@ -97,3 +103,103 @@ class TransferGate:
                 if handle.active:
                     return handle, submit
         return None
+
+
+class PrefetchFills:
+    """Which local blocks in-flight prefetch reads are filling, from which remote blocks.
+
+    Per peer: local block -> (remote block, prefetch handle), while the prefetch is
+    pending. A demand read whose every (local, remote) pair an active prefetch is
+    filling, for all its layers, joins those prefetches instead of moving the bytes again.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fills: dict[str, dict[int, tuple[int, TransferHandle]]] = {}
+
+    def add(self, peer: str, runs: Sequence[Run], handle: TransferHandle) -> None:
+        with self._lock:
+            table = self._fills.setdefault(peer, {})
+            for lo, ro, n in runs:
+                for i in range(n):
+                    table[lo + i] = (ro + i, handle)
+        handle.add_done_callback(lambda h: self._remove(peer, runs, h))
+
+    def _remove(self, peer: str, runs: Sequence[Run], handle: TransferHandle) -> None:
+        with self._lock:
+            table = self._fills.get(peer, {})
+            for lo, _, n in runs:
+                for b in range(lo, lo + n):
+                    if b in table and table[b][1] is handle:
+                        del table[b]
+            if not table:
+                self._fills.pop(peer, None)
+
+    def covering(self, peer: str, runs: Sequence[Run],
+                 layers: Sequence[int]) -> Optional[dict[TransferHandle, list[Run]]]:
+        """The prefetches filling every pair of ``runs`` for all ``layers`` (with the
+        pairs each fills), or None if any pair is not covered."""
+        wanted = set(layers)
+        found: dict[TransferHandle, list[Run]] = {}
+        with self._lock:
+            table = self._fills.get(peer)
+            if not table:
+                return None
+            for lo, ro, n in runs:
+                for i in range(n):
+                    fill = table.get(lo + i)
+                    if fill is None or fill[0] != ro + i or not fill[1].active \
+                            or not wanted <= set(fill[1].layers):
+                        return None
+                    found.setdefault(fill[1], []).append((lo + i, ro + i, 1))
+        return found
+
+
+class JoinedRead(TransferHandle):
+    """A demand read served by prefetches already filling its blocks.
+
+    Done when every prefetch it joined is done; ``wait_layer(i)`` when each has layer i.
+    The prefetches are promoted to demand. If one fails or is cancelled by its owner,
+    ``refetch(pairs)`` submits a read of the pairs it was filling, and this handle
+    follows that one instead for the layers still missing. Cancelling this handle
+    leaves the prefetches running (the engine asked for them on their own).
+    """
+
+    def __init__(self, request_id: int, peer: str, layers: Sequence[int], deadline: float,
+                 sources: dict[TransferHandle, list[Run]],
+                 refetch: Callable[[list[Run]], TransferHandle]) -> None:
+        super().__init__(request_id, peer, "read", layers, (), b"", deadline,
+                         depends=len(sources))
+        self._refetch = refetch
+        for source, pairs in sources.items():
+            self._follow(source, pairs, set(self.layers))
+
+    def _follow(self, source: TransferHandle, pairs: list[Run], missing: set[int]) -> None:
+        lock = threading.Lock()
+
+        def on_layer(layer: int) -> None:
+            with lock:
+                if layer not in missing:
+                    return
+                missing.discard(layer)
+            self._count((layer,), 0, 0)
+
+        def on_done(h: TransferHandle) -> None:
+            if h.status == DONE:
+                self._count((), 0, 0, deps=1)
+                return
+            if not self.active:
+                return
+            with lock:
+                left = set(missing)
+                missing.clear()  # nothing more counts from this source
+            try:
+                again = self._refetch(pairs)
+            except Exception as exc:  # noqa: BLE001 - the fallback could not start
+                self.fail(exc)
+                return
+            self._follow(again, pairs, left)
+
+        source.promote()
+        source.watch_layers(on_layer)
+        source.add_done_callback(on_done)

@@ -27,3 +27,13 @@ def test_prefix_index_example_prints_what_its_comments_say():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[('worker-a', 40), ('worker-b', 60)]", "worker-b 14.0"]
+
+
+def test_layer_wise_example_runs():
+    text = README.read_text()
+    section = text[text.index("## Layer-wise push, prefetch and load"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[('prefill-0', b'req-42 prefilled')]", "0"]

@@ -204,3 +204,28 @@ def test_transfers_past_the_agents_cap_queue_and_all_complete(backend, peers):
         assert agent.queued_transfers == 0 and agent.running_transfers == 0
         assert block_bytes(layout, list(range(40))) == \
             peers.call("blocks", LAYERED.key, list(range(40)))
+
+
+@pytest.mark.parametrize("prefetch_fate", ["completes", "cancelled"])
+def test_a_demand_read_joins_the_prefetch_filling_its_blocks(backend, peers, prefetch_fate):
+    agent, layout = local_agent(backend, LARGE, chunk_bytes=64 << 10, max_inflight=2)
+    with agent:
+        peer = agent.add_peer(peers.meta[LARGE.key])
+        agent.read(peer, [0], [0]).wait(10)
+        src, dst = list(range(1024, 2048)), list(range(0, 1024))
+        pre = agent.read(peer, src, dst, priority="prefetch")
+        demand = agent.read(peer, src[100:164], dst[100:164], layers=[0, 3])
+        partly = agent.read(peer, [src[5], 7], [dst[5], 1500])  # block 1500 is not filled
+        assert demand.chunks == () and pre.priority == "demand"  # joined, nothing re-read
+        assert partly.chunks != ()  # only a fully covered read joins
+        if prefetch_fate == "cancelled":
+            pre.cancel()  # the demand read then fetches its blocks itself
+        demand.wait(30)
+        demand.wait_layer(3, timeout=0)
+        partly.wait(30)
+        for layer in (0, 3):
+            assert layer_block_bytes(layout, layer, dst[100:164]) == \
+                peers.call("layer_blocks", LARGE.key, layer, src[100:164])
+        if prefetch_fate == "completes":
+            pre.wait(30)
+            assert block_bytes(layout, dst) == peers.call("blocks", LARGE.key, src)
