@@ -71,7 +71,7 @@ def block_bytes(layout: kvxfer.KVLayout, ids: list[int]) -> list[bytes]:
             for r in layout.regions]
 
 
-BACKENDS = ["tcp", "ucx", "nixl"]
+BACKENDS = ["tcp", "ucx", "nixl", "nccl"]
 
 
 def usable_backend(name: str) -> str:
