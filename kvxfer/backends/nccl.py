@@ -100,6 +100,8 @@ class NcclBackend(TcpBackend):
         try:
             store_sock = socket.create_server((host, 0))  # bound where we listen, not *
             self._store_port = store_sock.getsockname()[1]
+            self._store_host = "127.0.0.1" if host in ("0.0.0.0", "") else \
+                "::1" if host == "::" else host
             self._store: Any = TCPStore(host, self._store_port, is_master=True,
                                         wait_for_workers=False,
                                         master_listen_fd=store_sock.fileno(),
@@ -186,8 +188,11 @@ class NcclBackend(TcpBackend):
         """
         groups: list[Any] = []
         try:
-            base = self._store if store is None else \
-                TCPStore(store[0], store[1], is_master=False, timeout=self._timedelta())
+            # A client of its own per connection, ours included: a TCPStore client
+            # serialises its waits, so a peer that never joins would hold up the
+            # rendezvous of every other connection through a shared one.
+            host, port = store or (self._store_host, self._store_port)
+            base = TCPStore(host, port, is_master=False, timeout=self._timedelta())
             for direction in ("c2s", "s2c"):
                 prefix = PrefixStore(f"kvxfer/{key.hex()}/{direction}", base)
                 groups.append(self._group(prefix, rank, sock))
