@@ -97,6 +97,7 @@ class NcclBackend(TcpBackend):
         self._gpu: Optional[str] = None  # our GPU's id (NCCL)
         self._devices: dict[str, Any] = {}  # local address -> Gloo device (under _lock)
         host = self._lsock.getsockname()[0]
+        store_sock: Optional[socket.socket] = None
         try:
             store_sock = socket.create_server((host, 0))  # bound where we listen, not *
             self._store_port = store_sock.getsockname()[1]
@@ -108,6 +109,8 @@ class NcclBackend(TcpBackend):
                                         timeout=self._timedelta())
             store_sock.detach()  # the store owns the socket now and closes it
         except (OSError, RuntimeError) as exc:
+            if store_sock is not None and store_sock.fileno() >= 0:
+                store_sock.close()
             self._lsock.close()
             raise PeerUnreachable(f"cannot start the rendezvous store on {host}: {exc}") \
                 from exc
