@@ -67,13 +67,15 @@ def backend_info(name: str, extra: Optional[str], cuda: bool) -> BackendInfo:
     """Probe one registered backend: import its class (and library) and report."""
     library = _versions(_extra_requirements(extra))
     try:
-        get_backend(name)
+        cls = get_backend(name)
     except BackendUnavailable as exc:
         return BackendInfo(name, False, False, library, exc.reason + (
             f"; install: pip install 'kvxfer[{extra}]'" if extra else ""))
     except Exception as exc:  # noqa: BLE001 - a broken third-party backend is reported
         return BackendInfo(name, False, False, library, f"import failed: {exc!r}")
-    notes = "host and CUDA memory" if cuda else "host memory only: no CUDA device here"
+    describe = getattr(cls, "describe", None)  # a backend may say more of its state here
+    notes = describe(cuda) if callable(describe) else \
+        "host and CUDA memory" if cuda else "host memory only: no CUDA device here"
     return BackendInfo(name, True, cuda, library, notes)
 
 

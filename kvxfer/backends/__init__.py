@@ -17,6 +17,7 @@ from .base import Backend, BackendConfig, BackendPeer, PeerInfo
 
 # name -> (import path, pip extra or None)
 _BUILTIN: dict[str, tuple[str, str | None]] = {
+    "nccl": ("kvxfer.backends.nccl:NcclBackend", None),  # torch.distributed, in torch
     "nixl": ("kvxfer.backends.nixl:NixlBackend", "nixl"),
     "tcp": ("kvxfer.backends.tcp:TcpBackend", None),
     "ucx": ("kvxfer.backends.ucx:UcxBackend", "ucx"),

@@ -82,6 +82,11 @@ class Channel(ABC):
     def drain_payload(self) -> None:
         """Read and discard the rest of the current frame's payload."""
 
+    def established(self) -> None:
+        """Called once the HELLO exchange succeeded, on both sides, before any request:
+        a transport may finish its set-up with the peer here (nccl forms its process
+        groups). Raising OSError or PeerUnreachable refuses the connection."""
+
     @abstractmethod
     def set_timeout(self, seconds: Optional[float]) -> None:
         """Bound every later blocking call (None: no bound)."""

@@ -75,6 +75,7 @@ class ServerSide:
                 self.send(Error(0, 0, E_LAYOUT, str(exc)))
                 return
             self.send(Hello(self.backend.agent_name, self.memory.descriptor_bytes))
+            self.channel.established()
             self.channel.set_timeout(None)
             self.serve()
         except RemoteProtocolError as exc:

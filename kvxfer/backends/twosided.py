@@ -120,6 +120,7 @@ class TwoSidedBackend(Backend):
             if not isinstance(reply, Hello):
                 raise PeerUnreachable(f"peer {peer.name!r} closed the connection during hello")
             self._memory.check_peer(reply.descriptor)
+            channel.established()
             channel.set_timeout(None)
         except (OSError, ProtocolError) as exc:
             channel.shutdown()

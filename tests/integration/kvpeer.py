@@ -78,7 +78,7 @@ def layer_block_bytes(layout: kvxfer.KVLayout, layer: int, ids: list[int]) -> li
             for r in layout.regions if r.layer == layer]
 
 
-BACKENDS = ["tcp", "ucx", "nixl"]
+BACKENDS = ["tcp", "ucx", "nixl", "nccl"]
 
 
 def usable_backend(name: str) -> str:
