@@ -92,7 +92,10 @@ class TransferHandle:
         # kvxfer.pipeline.JoinedRead); each also counts once per layer.
         self._deps_left = depends
         self._layer_left = dict.fromkeys(self.layers, depends)
-        self._layer_watchers: list[Callable[[int], None]] = []
+        self._landed: list[Chunk] = []  # chunks done, for watch_chunks (reads only)
+        self._chunk_watchers: list[Callable[[Chunk], None]] = []
+        # Chunk indices a demand read joining this prefetch needs: they go first.
+        self.urgent: frozenset[int] = frozenset()
         for chunk in chunks:
             for layer in chunk.layers:
                 self._layer_left[layer] += 1
@@ -121,9 +124,11 @@ class TransferHandle:
         """The encoded note ``message`` carries (see :mod:`kvxfer.protocol.frames`)."""
         return message.note
 
-    def promote(self) -> None:
-        """Make a prefetch a demand transfer: its queued parts overtake other prefetches."""
-        if self.priority != DEMAND:
+    def promote(self, urgent: Sequence[int] = ()) -> None:
+        """Make a prefetch a demand transfer: its queued parts overtake other prefetches,
+        the chunks numbered in ``urgent`` (a joining demand read's) before its others."""
+        self.urgent = self.urgent | frozenset(urgent)
+        if self.priority != DEMAND or urgent:
             self.priority = DEMAND
             self._kick()
 
@@ -134,21 +139,21 @@ class TransferHandle:
 
     def chunk_done(self, chunk: Chunk) -> None:
         """A chunk has landed (read) or been acknowledged by the peer (write)."""
-        self._count(chunk.layers, chunks=1, messages=0)
+        self._count(chunk.layers, chunks=1, messages=0, chunk=chunk)
 
     def message_done(self) -> None:
         """One of ``messages`` was acknowledged by the peer."""
         self._count((), chunks=0, messages=1)
 
-    def _count(self, layers: Sequence[int], chunks: int, messages: int, deps: int = 0) -> None:
-        landed = []
+    def _count(self, layers: Sequence[int], chunks: int, messages: int, deps: int = 0,
+               chunk: Chunk | None = None) -> None:
         with self._cond:
             if not self.active:  # done, failed, or being failed: nothing more counts
                 return
             for layer in layers:
                 self._layer_left[layer] -= 1
-                if self._layer_left[layer] == 0:
-                    landed.append(layer)
+            if chunk is not None and self.op == "read":
+                self._landed.append(chunk)
             self._chunks_left -= chunks
             self._messages_left -= messages
             self._deps_left -= deps
@@ -159,26 +164,25 @@ class TransferHandle:
                     self.before_done()
                 self._state = DONE
             self._cond.notify_all()
-            watchers = list(self._layer_watchers) if landed else []
+            watchers = list(self._chunk_watchers) if chunk is not None else []
         for fn in watchers:
-            for layer in landed:
-                self._call_watcher(fn, layer)
+            self._call_watcher(fn, chunk)
         if finished:
             self._run_callbacks()
 
-    def watch_layers(self, fn: Callable[[int], None]) -> None:
-        """Call ``fn(layer)`` as each layer lands (at once for those already in)."""
+    def watch_chunks(self, fn: Callable[[Chunk], None]) -> None:
+        """Call ``fn(chunk)`` as each chunk of a read lands (at once for those in)."""
         with self._cond:
-            self._layer_watchers.append(fn)
-            landed = [layer for layer, left in self._layer_left.items() if left <= 0]
-        for layer in landed:
-            self._call_watcher(fn, layer)
+            self._chunk_watchers.append(fn)
+            landed = list(self._landed)
+        for chunk in landed:
+            self._call_watcher(fn, chunk)
 
-    def _call_watcher(self, fn: Callable[[int], None], layer: int) -> None:
+    def _call_watcher(self, fn: Callable[[Chunk], None], chunk: Chunk | None) -> None:
         try:
-            fn(layer)
+            fn(chunk)  # type: ignore[arg-type]
         except Exception:  # noqa: BLE001 - as for done-callbacks
-            log.exception("layer watcher %r of %s #%d raised; ignored", fn, self.op,
+            log.exception("chunk watcher %r of %s #%d raised; ignored", fn, self.op,
                           self.request_id)
 
     def fail(self, exc: BaseException, state: str = FAILED) -> bool:

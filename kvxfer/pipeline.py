@@ -29,7 +29,7 @@ from collections import deque
 from typing import Callable, Optional, Sequence
 
 from .handle import DEMAND, DONE, TransferHandle
-from .plan import Run
+from .plan import Chunk, Run
 
 Submit = Callable[[TransferHandle], None]
 
@@ -155,51 +155,108 @@ class PrefetchFills:
         return found
 
 
+def needed_chunks(source: TransferHandle, pairs: Sequence[Run],
+                  layers: Sequence[int]) -> list[Chunk]:
+    """The chunks of ``source`` that carry any of ``pairs`` in any of ``layers``."""
+    wanted, blocks = set(layers), {lo for lo, _, _ in pairs}
+    return [c for c in source.chunks if wanted.intersection(c.layers)
+            and any(b in blocks for lo, _, n in c.runs for b in range(lo, lo + n))]
+
+
 class JoinedRead(TransferHandle):
     """A demand read served by prefetches already filling its blocks.
 
-    Done when every prefetch it joined is done; ``wait_layer(i)`` when each has layer i.
-    The prefetches are promoted to demand. If one fails or is cancelled by its owner,
-    ``refetch(pairs)`` submits a read of the pairs it was filling, and this handle
-    follows that one instead for the layers still missing. Cancelling this handle
-    leaves the prefetches running (the engine asked for them on their own).
+    It counts the prefetches' chunks that carry its blocks (those chunks go first, and
+    the prefetches are promoted to demand): ``wait_layer(i)`` returns once each chunk of
+    layer i it needs has landed, ``wait()`` once all have, not when the whole prefetch
+    is done. If a prefetch fails or is cancelled by its owner, ``refetch(pairs)``
+    submits a read of the pairs it was filling, and this handle counts that read
+    instead. Cancelling this handle leaves the prefetches running (the engine asked for
+    them on their own).
     """
 
     def __init__(self, request_id: int, peer: str, layers: Sequence[int], deadline: float,
                  sources: dict[TransferHandle, list[Run]],
                  refetch: Callable[[list[Run]], TransferHandle]) -> None:
-        super().__init__(request_id, peer, "read", layers, (), b"", deadline,
-                         depends=len(sources))
+        super().__init__(request_id, peer, "read", layers, (), b"", deadline, depends=1)
         self._refetch = refetch
-        for source, pairs in sources.items():
-            self._follow(source, pairs, set(self.layers))
+        plans = [(src, pairs, needed_chunks(src, pairs, self.layers))
+                 for src, pairs in sources.items()]
+        with self._cond:  # one count per needed chunk (per layer of ours it carries)
+            self._deps_left = sum(len(need) for _, _, need in plans)
+            self._layer_left = dict.fromkeys(self.layers, 0)
+            for _, _, need in plans:
+                for chunk in need:
+                    self._add_layers(chunk, 1)
+        for src, pairs, need in plans:
+            self._follow(src, pairs, need)
 
-    def _follow(self, source: TransferHandle, pairs: list[Run], missing: set[int]) -> None:
+    def _add_layers(self, chunk: Chunk, sign: int) -> None:
+        for layer in chunk.layers:
+            if layer in self._layer_left:
+                self._layer_left[layer] += sign
+
+    def _mine(self, chunk: Chunk) -> tuple[int, ...]:
+        return tuple(layer for layer in chunk.layers if layer in self._layer_left)
+
+    def _follow(self, source: TransferHandle, pairs: list[Run], need: list[Chunk]) -> None:
         lock = threading.Lock()
+        waiting = {c.index: c for c in need}  # needed chunks of source not yet counted
 
-        def on_layer(layer: int) -> None:
+        def on_chunk(chunk: Chunk) -> None:
             with lock:
-                if layer not in missing:
+                if waiting.pop(chunk.index, None) is None:
                     return
-                missing.discard(layer)
-            self._count((layer,), 0, 0)
+            self._count(self._mine(chunk), 0, 0, deps=1)
 
         def on_done(h: TransferHandle) -> None:
-            if h.status == DONE:
-                self._count((), 0, 0, deps=1)
-                return
-            if not self.active:
-                return
+            if h.status == DONE or not self.active:
+                return  # every needed chunk was counted as it landed
             with lock:
-                left = set(missing)
-                missing.clear()  # nothing more counts from this source
-            try:
-                again = self._refetch(pairs)
-            except Exception as exc:  # noqa: BLE001 - the fallback could not start
-                self.fail(exc)
-                return
-            self._follow(again, pairs, left)
+                left = list(waiting.values())
+                waiting.clear()  # nothing more counts from this source
+            if left:
+                self._switch(pairs, left)
 
-        source.promote()
-        source.watch_layers(on_layer)
+        source.promote(urgent=list(waiting))
+        source.watch_chunks(on_chunk)
         source.add_done_callback(on_done)
+
+    def _switch(self, pairs: list[Run], left: list[Chunk]) -> None:
+        """A source failed with ``left`` chunks uncounted: read the pairs ourselves."""
+        try:
+            again = self._refetch(pairs)
+        except Exception as exc:  # noqa: BLE001 - the fallback could not start
+            self.fail(exc)
+            return
+        if not again.chunks:  # it joined another prefetch: count it whole, once done
+            again = _Whole(again)
+        need = list(again.chunks)
+        with self._cond:  # swap the failed source's uncounted chunks for the new read's
+            self._deps_left += len(need) - len(left)
+            for chunk in left:
+                self._add_layers(chunk, -1)
+            for chunk in need:
+                self._add_layers(chunk, 1)
+        if isinstance(again, _Whole):
+            again.follow(self)
+        else:
+            self._follow(again, pairs, need)
+
+
+class _Whole:
+    """A fallback read that itself joined prefetches: counted as one chunk of every
+    layer, when it is done."""
+
+    def __init__(self, handle: TransferHandle) -> None:
+        self.handle = handle
+        self.chunks = (Chunk(0, handle.layers, (), 0),)
+
+    def follow(self, joined: JoinedRead) -> None:
+        def on_done(h: TransferHandle) -> None:
+            if h.status == DONE:
+                joined._count(joined._mine(self.chunks[0]), 0, 0, deps=1)
+            elif h.error is not None:
+                joined.fail(h.error)
+
+        self.handle.add_done_callback(on_done)

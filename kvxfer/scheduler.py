@@ -143,8 +143,13 @@ class ChunkQueue:
             self._demand.extend(moved)
 
     def _take(self, entry: _Entry) -> Optional[Part]:
-        """Remove and return the entry's first part that may go now."""
-        for i, part in enumerate(entry.parts):
+        """Remove and return the entry's first part that may go now (its urgent chunks,
+        those a joining demand read waits for, first)."""
+        urgent = entry.handle.urgent
+        order = enumerate(entry.parts)
+        if urgent:
+            order = sorted(order, key=lambda ip: ip[1].index not in urgent)  # type: ignore
+        for i, part in order:
             if isinstance(part, Message) and entry.gated(part, self.messages_after_finish):
                 continue
             readiness = entry.handle.readiness(part)

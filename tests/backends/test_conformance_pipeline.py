@@ -176,7 +176,8 @@ def test_demand_reads_overtake_a_streaming_prefetch(backend, peers):
     with agent:
         peer = agent.add_peer(peers.meta[LARGE.key])
         agent.read(peer, [0], [0]).wait(10)
-        pre = agent.read(peer, list(range(2048)), list(range(2048)), priority="prefetch")
+        fill = list(range(1024, 2048))  # the demand's blocks are not among them
+        pre = agent.read(peer, fill, fill, priority="prefetch")
         landed_before = len(pre.chunks) - pre._chunks_left
         demand = agent.read(peer, list(range(64)), list(range(64)))  # 8 chunks
         landed_at: list[int] = []
@@ -186,8 +187,8 @@ def test_demand_reads_overtake_a_streaming_prefetch(backend, peers):
         # Round-robin would have let ~8 prefetch chunks through beside the demand's 8;
         # with priorities only those already posted (and the slots racing the submit).
         assert landed_at[0] - landed_before <= 2 * inflight
-        assert block_bytes(layout, list(range(2048))) == \
-            peers.call("blocks", LARGE.key, list(range(2048)))
+        assert block_bytes(layout, list(range(64)) + fill) == \
+            peers.call("blocks", LARGE.key, list(range(64)) + fill)
 
 
 def test_transfers_past_the_agents_cap_queue_and_all_complete(backend, peers):
@@ -214,16 +215,20 @@ def test_a_demand_read_joins_the_prefetch_filling_its_blocks(backend, peers, pre
         agent.read(peer, [0], [0]).wait(10)
         src, dst = list(range(1024, 2048)), list(range(0, 1024))
         pre = agent.read(peer, src, dst, priority="prefetch")
-        demand = agent.read(peer, src[100:164], dst[100:164], layers=[0, 3])
+        demand = agent.read(peer, src[100:164], dst[100:164], layers=[0, 7])
+        landed_at: list[int] = []
+        demand.add_done_callback(lambda _: landed_at.append(len(pre.chunks) - pre._chunks_left))
         partly = agent.read(peer, [src[5], 7], [dst[5], 1500])  # block 1500 is not filled
         assert demand.chunks == () and pre.priority == "demand"  # joined, nothing re-read
         assert partly.chunks != ()  # only a fully covered read joins
         if prefetch_fate == "cancelled":
             pre.cancel()  # the demand read then fetches its blocks itself
         demand.wait(30)
-        demand.wait_layer(3, timeout=0)
+        demand.wait_layer(7, timeout=0)
+        if prefetch_fate == "completes":  # its chunks (layer 7's come last) went first
+            assert landed_at[0] <= len(pre.chunks) // 2
         partly.wait(30)
-        for layer in (0, 3):
+        for layer in (0, 7):
             assert layer_block_bytes(layout, layer, dst[100:164]) == \
                 peers.call("layer_blocks", LARGE.key, layer, src[100:164])
         if prefetch_fate == "completes":

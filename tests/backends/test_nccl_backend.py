@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from kvpeer import PeerProcess, Spec, block_bytes, local_agent  # noqa: E402
 
 import kvxfer  # noqa: E402
-from kvxfer.agent import METADATA_MAGIC  # noqa: E402
+from kvxfer.metadata import METADATA_MAGIC  # noqa: E402
 
 SPEC = Spec("nhd", "bfloat16", num_blocks=64)
 
