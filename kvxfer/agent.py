@@ -22,10 +22,8 @@ from .layout import KVLayout
 from .memory import RegisteredMemory
 from .metadata import Peer, decode_metadata, encode_metadata
 from .pipeline import JoinedRead, PrefetchFills, TransferGate
-from .plan import (MAX_CHUNK_BYTES, Message, chunk_size, merge_runs, plan_chunks,
-                   plan_layer_chunks)
-from .protocol.frames import NOTE_FINISHED, NOTE_USER, Note, decode_note, encode_note
-from .streams import IncomingTable, IncomingTransfer, StreamHandle, WriteStream, stream_messages
+from .plan import MAX_CHUNK_BYTES, merge_runs
+from .streams import Inbox, IncomingTransfer, WriteStream, make_handle
 
 __all__ = ["Agent", "Peer", "decode_metadata"]
 
@@ -98,13 +96,11 @@ class Agent:
         self._memory: RegisteredMemory | None = None
         self._peers: dict[str, Peer] = {}
         self._adding: dict[str, threading.Lock] = {}  # add_peer of one name at a time
-        self._notes: list[tuple[str, bytes]] = []
-        self._notes_bytes = 0
         self.max_unread_notify_bytes = max_unread_notify_bytes
         self._pending: set[TransferHandle] = set()
         self._gate = TransferGate(max_inflight_transfers)
         self._fills = PrefetchFills()  # what pending prefetch reads fill
-        self._incoming = IncomingTable(max_incoming)
+        self._inbox = Inbox(max_unread_notify_bytes, max_incoming)
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, daemon=True,
@@ -163,7 +159,7 @@ class Agent:
                 raise KvxferError(f"agent {self.name!r} already has a KV cache registered")
             self._layout = layout
             self._memory = RegisteredMemory(layout, staged=self.backend.config.staged)
-        self.backend.start(self._memory, self._on_notify)
+        self.backend.start(self._memory, self._inbox.deliver)
 
     @property
     def layout(self) -> KVLayout:
@@ -340,7 +336,7 @@ class Agent:
                                  "peers")
             peer = names[0]
         name = peer.name if isinstance(peer, Peer) else str(peer)
-        return self._incoming.get(name, bytes(request))
+        return self._inbox.incoming.get(name, bytes(request))
 
     @property
     def queued_transfers(self) -> int:
@@ -379,25 +375,13 @@ class Agent:
             if len(set(ids)) != len(ids):
                 raise ValueError(f"{op} names a {side} block more than once")
         layer_list = layout.normalize_layers(layers)
-        total = sum(n for _, _, n in runs) * memory.layer_block_bytes * len(layer_list)
-        size = chunk_size(total, self.config.chunk_bytes, self.config.max_inflight)
         deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
-        if key is not None:  # a write stream: one layer per chunk, a note per layer
-            chunks = plan_layer_chunks(runs, layer_list, memory.layer_block_bytes, size)
-            handle: TransferHandle = StreamHandle(
-                next(self._ids), peer.name, op, layer_list, chunks, b"", deadline,
-                messages=stream_messages(key, layer_list, len(chunks)), priority=priority,
-                key=key)
-        elif op == "read" and priority == DEMAND and stream is None and \
+        if op == "read" and priority == DEMAND and stream is None and key is None and \
                 (sources := self._fills.covering(peer.name, runs, layer_list)):
             return self._join(peer, layer_list, deadline, sources)
-        else:
-            chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, size)
-            messages = [Message(len(chunks), None, encode_note(Note(NOTE_USER, message=notify)))
-                        ] if notify else []
-            handle = TransferHandle(next(self._ids), peer.name, op, layer_list, chunks, notify,
-                                    deadline, source_event=event, messages=messages,
-                                    priority=priority)
+        handle = make_handle(next(self._ids), peer.name, op, runs, layer_list, memory,
+                             self.config, deadline, notify=notify, event=event,
+                             priority=priority, key=key)
         if stream is not None:
             handle.before_done = lambda: _order_stream_after(stream, memory)
         result = WriteStream(handle, MAX_NOTIFY) if key is not None else handle  # type: ignore
@@ -433,29 +417,9 @@ class Agent:
             self._pending.discard(handle)
 
     # --------------------------------------------------------- notifications
-    def _on_notify(self, peer: str, raw: bytes) -> bool:
-        """A backend delivers a note (see frames.encode_note); False: not taken (full).
-
-        Raises:
-            RemoteProtocolError: the note is malformed.
-        """
-        note = decode_note(raw)
-        message = note.message if note.kind in (NOTE_USER, NOTE_FINISHED) else b""
-        with self._lock:
-            if self._notes_bytes + len(message) > self.max_unread_notify_bytes:
-                return False
-            if note.kind != NOTE_USER and not self._incoming.deliver(peer, note):
-                return False
-            if message:
-                self._notes.append((peer, message))
-                self._notes_bytes += len(message)
-            return True
-
     def notifications(self) -> list[tuple[str, bytes]]:
         """Messages of completed incoming writes since the last call: (peer name, bytes)."""
-        with self._lock:
-            notes, self._notes, self._notes_bytes = self._notes, [], 0
-        return notes
+        return self._inbox.take_notifications()
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else self.backend_name

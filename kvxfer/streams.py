@@ -34,10 +34,12 @@ import time
 from collections import OrderedDict
 from typing import Any, Optional, Sequence
 
+from .backends.base import BackendConfig
 from .errors import TransferFailed, TransferTimeout
-from .handle import LATER, POLL, READY, TransferHandle
-from .plan import Chunk, Message
-from .protocol.frames import NOTE_FINISHED, NOTE_LAYERS, Note, encode_note
+from .handle import DEMAND, LATER, POLL, READY, TransferHandle
+from .memory import RegisteredMemory
+from .plan import Chunk, Message, Run, chunk_size, plan_chunks, plan_layer_chunks
+from .protocol.frames import NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, Note, decode_note, encode_note
 
 KEEP_FINISHED = 1024  # finished incoming transfers kept after the engine asked for them
 
@@ -103,6 +105,27 @@ def stream_messages(key: bytes, layers: Sequence[int], first_index: int) -> list
                 for i, layer in enumerate(layers)]
     messages.append(Message(first_index + len(layers), None))
     return messages
+
+
+def make_handle(request_id: int, peer: str, op: str, runs: Sequence[Run], layers: list[int],
+                memory: RegisteredMemory, config: BackendConfig, deadline: float, *,
+                notify: bytes = b"", event: Any = None, priority: str = DEMAND,
+                key: Optional[bytes] = None) -> TransferHandle:
+    """Plan a transfer's chunks and messages and make its handle: a write stream's
+    (``key`` given: one layer per chunk, a note per layer and one at the end) or an
+    ordinary read's or write's (its notify as a note after every chunk)."""
+    total = sum(n for _, _, n in runs) * memory.layer_block_bytes * len(layers)
+    size = chunk_size(total, config.chunk_bytes, config.max_inflight)
+    if key is not None:
+        chunks = plan_layer_chunks(runs, layers, memory.layer_block_bytes, size)
+        return StreamHandle(request_id, peer, op, layers, chunks, b"", deadline,
+                            messages=stream_messages(key, layers, len(chunks)),
+                            priority=priority, key=key)
+    chunks = plan_chunks(runs, layers, memory.layer_block_bytes, size)
+    messages = [Message(len(chunks), None, encode_note(Note(NOTE_USER, message=notify)))
+                ] if notify else []
+    return TransferHandle(request_id, peer, op, layers, chunks, notify, deadline,
+                          source_event=event, messages=messages, priority=priority)
 
 
 class WriteStream:
@@ -283,3 +306,44 @@ class IncomingTable:
     def __len__(self) -> int:
         with self._lock:
             return len(self._open) + len(self._finished)
+
+
+class Inbox:
+    """What incoming writes tell this agent: notify messages for ``notifications()``
+    (bounded by their bytes) and the streams of :meth:`Agent.incoming`.
+
+    Args:
+        max_notify_bytes: unread notify bytes held at most.
+        max_incoming: incoming streams the engine has not asked about held at most.
+    """
+
+    def __init__(self, max_notify_bytes: int, max_incoming: int) -> None:
+        self.max_notify_bytes = max_notify_bytes
+        self.incoming = IncomingTable(max_incoming)
+        self._lock = threading.Lock()
+        self._notes: list[tuple[str, bytes]] = []
+        self._bytes = 0
+
+    def deliver(self, peer: str, raw: bytes) -> bool:
+        """A backend hands over a note (``frames.encode_note``); False: not taken, the
+        inbox is full (the backend refuses the write, or holds the note).
+
+        Raises:
+            RemoteProtocolError: the note is malformed.
+        """
+        note = decode_note(raw)
+        message = note.message if note.kind in (NOTE_USER, NOTE_FINISHED) else b""
+        with self._lock:
+            if self._bytes + len(message) > self.max_notify_bytes:
+                return False
+            if note.kind != NOTE_USER and not self.incoming.deliver(peer, note):
+                return False
+            if message:
+                self._notes.append((peer, message))
+                self._bytes += len(message)
+            return True
+
+    def take_notifications(self) -> list[tuple[str, bytes]]:
+        with self._lock:
+            notes, self._notes, self._bytes = self._notes, [], 0
+        return notes
