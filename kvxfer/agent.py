@@ -64,6 +64,10 @@ class Agent:
             (:attr:`queued_transfers` is the queue's depth).
         max_incoming: incoming streams (:meth:`incoming`) the engine has not asked
             about that are held; past it, a writer's stream fails with E_BACKLOG.
+        transfer_buffer_bytes: bytes the staging buffers of all connections hold
+            together (pinned memory for a CUDA cache; tcp, ucx, nccl). Past it, a chunk
+            that must be packed waits for a buffer to come back; a receive in progress
+            may pass it by its one chunk. None: no limit. At least ``chunk_bytes``.
 
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
@@ -74,7 +78,8 @@ class Agent:
                  chunk_bytes: int = 4 << 20, max_inflight: int = 4,
                  transfer_timeout: float = 30.0, connect_timeout: float = 10.0,
                  staged: bool = False, max_unread_notify_bytes: int = 64 << 20,
-                 max_inflight_transfers: int = 64, max_incoming: int = 4096) -> None:
+                 max_inflight_transfers: int = 64, max_incoming: int = 4096,
+                 transfer_buffer_bytes: int | None = 512 << 20) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("an agent needs a non-empty name")
         if max_unread_notify_bytes < MAX_NOTIFY:
@@ -82,12 +87,16 @@ class Agent:
                              f"({MAX_NOTIFY}), got {max_unread_notify_bytes}")
         if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be in (0, {MAX_CHUNK_BYTES}], got {chunk_bytes}")
+        if transfer_buffer_bytes is not None and transfer_buffer_bytes < chunk_bytes:
+            raise ValueError(f"transfer_buffer_bytes ({transfer_buffer_bytes}) must hold at "
+                             f"least one chunk ({chunk_bytes})")
         if transfer_timeout <= 0:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
         self.transfer_timeout = float(transfer_timeout)
         self.config = BackendConfig(chunk_bytes=chunk_bytes, max_inflight=max_inflight,
-                                    connect_timeout=connect_timeout, staged=staged)
+                                    connect_timeout=connect_timeout, staged=staged,
+                                    transfer_buffer_bytes=transfer_buffer_bytes)
         self.backend = get_backend(backend)(name, listen, self.config)
         self.backend_name = backend
         self._lock = threading.Lock()

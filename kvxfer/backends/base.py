@@ -46,9 +46,14 @@ class BackendConfig:
     max_inflight: int = 4  # chunks outstanding per peer connection
     connect_timeout: float = 10.0  # seconds to reach a peer and finish the hello
     staged: bool = False  # send host memory through staging buffers too (tests the GPU path)
+    # Bytes all staging buffers of the backend hold together (None: no limit). Sends wait
+    # for room; receives in progress may pass it by one chunk each.
+    transfer_buffer_bytes: int | None = None
 
     def __post_init__(self) -> None:
-        if self.chunk_bytes < 1 or self.max_inflight < 1 or self.connect_timeout <= 0:
+        if self.chunk_bytes < 1 or self.max_inflight < 1 or self.connect_timeout <= 0 \
+                or (self.transfer_buffer_bytes is not None
+                    and self.transfer_buffer_bytes < self.chunk_bytes):
             raise ValueError(f"invalid backend config: {self}")
 
 

@@ -64,8 +64,8 @@ class ClientSide(BackendPeer):
         self._cond = threading.Condition()
         self._chunks = ChunkQueue(backend.config.max_inflight)
         self._dead: Optional[BaseException] = None
-        self._send_staging = Staging(self.memory, backend.staging_device)
-        self._recv_staging = Staging(self.memory, backend.staging_device)
+        self._send_staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
+        self._recv_staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
         tag = f"{backend.agent_name}->{name}"
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"kvxfer-{backend.name}-send[{tag}]")
@@ -182,12 +182,12 @@ class ClientSide(BackendPeer):
             payload = self.memory.host_buffers(item.layers, item.local_runs)
             self.channel.send(self.encoder.send(frame, payload), guard=handle)
             return
-        tensor, view = self._send_staging.get(item.nbytes)
-        with handle.data_lock:
-            if not handle.active:
-                raise Abandoned(0)
-            self.memory.pack_into(item.layers, item.local_runs, tensor)
-        self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard needed
+        with self._send_staging.use(item.nbytes) as (tensor, view):
+            with handle.data_lock:
+                if not handle.active:
+                    raise Abandoned(0)
+                self.memory.pack_into(item.layers, item.local_runs, tensor)
+            self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard
 
     # ----------------------------------------------------------------- reading
     def _read_loop(self) -> None:
@@ -232,12 +232,12 @@ class ClientSide(BackendPeer):
             self.channel.drain_payload()
             placed = False
         elif self.memory.stages(chunk.local_runs):  # the payload lands in our own buffer
-            tensor, view = self._recv_staging.get(chunk.nbytes)
-            self.channel.recv_payload([view])
-            with handle.data_lock:  # cancel() and deadlines wait for the unpack
-                placed = handle.active
-                if placed:
-                    self.memory.unpack_from(chunk.layers, chunk.local_runs, tensor)
+            with self._recv_staging.use(chunk.nbytes, wait=False) as (tensor, view):
+                self.channel.recv_payload([view])
+                with handle.data_lock:  # cancel() and deadlines wait for the unpack
+                    placed = handle.active
+                    if placed:
+                        self.memory.unpack_from(chunk.layers, chunk.local_runs, tensor)
         else:  # straight into the blocks, each transport call under the handle's lock
             placed = self.channel.recv_payload(
                 self.memory.host_buffers(chunk.layers, chunk.local_runs), guard=handle)

@@ -50,7 +50,7 @@ class ServerSide:
         self.channel = channel
         self.memory: RegisteredMemory = backend._memory  # type: ignore[assignment]
         self.encoder = Connection(expect_hello=False)
-        self.staging = Staging(self.memory, backend.staging_device)
+        self.staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
         self.peer = "?"
         # Writes with a refused chunk: their notify is not delivered. Bounded (oldest
         # forgotten), since a writer that gave up never sends the last frame.
@@ -129,12 +129,12 @@ class ServerSide:
             self.send(Error(req.request_id, req.chunk, E_RANGE, str(exc)))
             return
         if self.memory.stages(req.runs):
-            tensor, view = self.staging.get(nbytes)
-            self.memory.pack_into(req.layers, req.runs, tensor)
-            payload: tuple = (view,)
-        else:
-            payload = tuple(self.memory.host_buffers(req.layers, req.runs))
-        self.send(Data(req.request_id, req.chunk, nbytes), payload)
+            with self.staging.use(nbytes) as (tensor, view):
+                self.memory.pack_into(req.layers, req.runs, tensor)
+                self.send(Data(req.request_id, req.chunk, nbytes), (view,))
+            return
+        self.send(Data(req.request_id, req.chunk, nbytes),
+                  tuple(self.memory.host_buffers(req.layers, req.runs)))
 
     def remember_refused(self, request_id: int) -> None:
         self.refused[request_id] = None
@@ -156,9 +156,9 @@ class ServerSide:
             return self.refuse_write(w, E_SIZE, f"write carries {w.payload_len} bytes for a "
                                                 f"chunk of {nbytes}")
         if w.runs and self.memory.stages(w.runs):
-            tensor, view = self.staging.get(nbytes)
-            self.channel.recv_payload([view])
-            self.memory.unpack_from(w.layers, w.runs, tensor)
+            with self.staging.use(nbytes, wait=False) as (tensor, view):
+                self.channel.recv_payload([view])
+                self.memory.unpack_from(w.layers, w.runs, tensor)
         elif w.runs:
             self.channel.recv_payload(self.memory.host_buffers(w.layers, w.runs))
         refused = w.request_id in self.refused

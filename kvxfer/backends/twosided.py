@@ -47,7 +47,7 @@ from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 from .channel import Abandoned, Channel, Guard
 from .client import ClientSide
 from .server import ServerSide
-from .staging import Staging
+from .staging import Staging, StagingBudget
 
 __all__ = ["Abandoned", "Channel", "ClientSide", "Guard", "ServerSide", "Staging",
            "TwoSidedBackend"]
@@ -72,6 +72,8 @@ class TwoSidedBackend(Backend):
         self._notify: Optional[NotifySink] = None
         self._servers: set[ServerSide] = set()
         self._clients: set[ClientSide] = set()
+        # Every staging buffer of this backend together (transfer_buffer_bytes).
+        self.staging_budget = StagingBudget(config.transfer_buffer_bytes)
 
     # -------------------------------------------------------- transport hooks
     @abstractmethod

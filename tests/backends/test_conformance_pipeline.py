@@ -234,3 +234,27 @@ def test_a_demand_read_joins_the_prefetch_filling_its_blocks(backend, peers, pre
         if prefetch_fate == "completes":
             pre.wait(30)
             assert block_bytes(layout, dst) == peers.call("blocks", LARGE.key, src)
+
+
+def test_staging_memory_stays_within_transfer_buffer_bytes(backend, peer_process):
+    """Staged writes (every chunk packed, as for a CUDA cache) to four peers at once, with
+    room for two chunks: all land, and the staging buffers never held more than that."""
+    if backend == "nixl":
+        pytest.skip("nixl moves registered memory itself: it has no staging buffers")
+    chunk = 64 << 10
+    procs = [peer_process([LAYERED], seed=20 + i, prefix=f"budget{i}") for i in range(4)]
+    agent, layout = local_agent(backend, LAYERED, chunk_bytes=chunk, staged=True,
+                                transfer_buffer_bytes=2 * chunk)
+    with agent:
+        peers = [agent.add_peer(p.meta[LAYERED.key]) for p in procs]
+        src = list(range(0, 64, 2))
+        handles = [agent.write(peer, src, list(range(100, 132))) for peer in peers]
+        for h in handles:
+            h.wait(30)
+        budget = agent.backend.staging_budget
+        assert budget.peak <= 2 * chunk
+        for p in procs:
+            assert p.call("blocks", LAYERED.key, list(range(100, 132))) == \
+                block_bytes(layout, src)
+    with pytest.raises(ValueError, match="at least one chunk"):
+        kvxfer.Agent("tiny", chunk_bytes=chunk, transfer_buffer_bytes=chunk - 1)
