@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 from .backends import BackendConfig, get_backend
 from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolError
 from .handle import DEMAND, TransferHandle
+from .heads import exchange_heads
 from .layout import KVLayout
 from .memory import RegisteredMemory
 from .metadata import Peer, decode_metadata, encode_metadata
@@ -188,8 +189,12 @@ class Agent:
 
         Raises:
             RemoteProtocolError: malformed metadata.
-            LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field).
+            LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field;
+                ``heads`` when its tensor-parallel shard shares no KV head with ours).
             PeerUnreachable: another backend, or it cannot be reached.
+
+        A peer of the same model geometry but another tensor-parallel shard is accepted:
+        reads and writes move the KV heads both hold (``peer.shared_heads``).
         """
         self._check_open()
         info = decode_metadata(metadata)
@@ -199,6 +204,7 @@ class Agent:
             raise PeerUnreachable(f"peer {info.name!r} uses backend {info.backend!r}, "
                                   f"this agent {self.backend_name!r}")
         self.layout.descriptor.check_compatible(info.descriptor)
+        heads = exchange_heads(self.layout.descriptor, info.descriptor)
         with self._lock:
             adding = self._adding.setdefault(info.name, threading.Lock())
         with adding:  # one connection per name, however many threads add it at once
@@ -206,7 +212,7 @@ class Agent:
                 existing = self._peers.get(info.name)
             if existing is not None and existing.alive and existing._metadata == metadata:
                 return existing
-            peer = Peer(info, self.backend.connect(info), metadata)
+            peer = Peer(info, self.backend.connect(info), metadata, heads)
             with self._lock:
                 closed = self._closed
                 if not closed:
@@ -379,11 +385,12 @@ class Agent:
             if len(set(ids)) != len(ids):
                 raise ValueError(f"{op} names a {side} block more than once")
         layer_list = layout.normalize_layers(layers)
-        total = sum(n for _, _, n in runs) * memory.layer_block_bytes * len(layer_list)
+        block_bytes = peer.heads.nbytes(memory.layer_block_bytes)  # our heads it shares
+        total = sum(n for _, _, n in runs) * block_bytes * len(layer_list)
         size = chunk_size(total, self.config.chunk_bytes, self.config.max_inflight)
         deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
         if key is not None:  # a write stream: one layer per chunk, a note per layer
-            chunks = plan_layer_chunks(runs, layer_list, memory.layer_block_bytes, size)
+            chunks = plan_layer_chunks(runs, layer_list, block_bytes, size)
             handle: TransferHandle = StreamHandle(
                 next(self._ids), peer.name, op, layer_list, chunks, b"", deadline,
                 messages=stream_messages(key, layer_list, len(chunks)), priority=priority,
@@ -392,12 +399,13 @@ class Agent:
                 (sources := self._fills.covering(peer.name, runs, layer_list)):
             return self._join(peer, layer_list, deadline, sources)
         else:
-            chunks = plan_chunks(runs, layer_list, memory.layer_block_bytes, size)
+            chunks = plan_chunks(runs, layer_list, block_bytes, size)
             messages = [Message(len(chunks), None, encode_note(Note(NOTE_USER, message=notify)))
                         ] if notify else []
             handle = TransferHandle(next(self._ids), peer.name, op, layer_list, chunks, notify,
                                     deadline, source_event=event, messages=messages,
                                     priority=priority)
+        handle.heads = peer.heads if peer.heads.sliced else None
         if stream is not None:
             handle.before_done = lambda: _order_stream_after(stream, memory)
         result = WriteStream(handle, MAX_NOTIFY) if key is not None else handle  # type: ignore
