@@ -37,3 +37,13 @@ def test_layer_wise_example_runs():
                          timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["[('prefill-0', b'req-42 prefilled')]", "0"]
+
+
+def test_tensor_parallel_example_gives_each_rank_its_heads():
+    text = README.read_text()
+    section = text[text.index("## Different tensor-parallel sizes"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["0 range(0, 4)", "1 range(4, 8)"]
