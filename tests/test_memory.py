@@ -145,3 +145,21 @@ def test_a_head_range_outside_the_layout_is_refused_before_any_work():
     mla = RegisteredMemory(KVLayout.mla([torch.zeros(4, 2, 8)]))
     with pytest.raises(BlockOutOfRange, match="MLA"):
         mla.check((0,), ((0, 1),), (0, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+def test_a_head_slice_of_a_cuda_cache_packs_as_the_host_reference(order):
+    from kvxfer.packing import pack
+
+    gen = torch.Generator().manual_seed(2)
+    host = [torch.randn(2, 8, 4, 4, 3, generator=gen).half() for _ in range(2)]
+    cpu = KVLayout.vllm(host, kv_layout=order)
+    mem = RegisteredMemory(KVLayout.vllm([t.cuda() for t in host], kv_layout=order))
+    want = pack(cpu, [5, 6, 1], (0, 1), heads=(1, 3))
+    for out in (torch.empty(want.numel(), dtype=torch.uint8, device="cuda"),
+                torch.empty(want.numel(), dtype=torch.uint8).pin_memory()):
+        mem.pack_into((0, 1), ((5, 2), (1, 1)), out, (1, 3))
+        assert torch.equal(out.cpu(), want)
+    mem.unpack_from((0, 1), ((0, 3),), want.cuda(), (1, 3))
+    assert torch.equal(pack(mem.layout, [0, 1, 2], (0, 1), heads=(1, 3)).cpu(), want)
