@@ -131,8 +131,6 @@ def test_a_rank_writes_exactly_the_heads_each_peer_holds(backend, prefill, case,
 
 def test_a_peer_of_another_model_or_sharing_no_head_is_refused_naming_the_field(backend,
                                                                                prefill):
-    if backend != "tcp":
-        pytest.skip("add_peer refuses before any backend is involved; tcp stands for all")
     others = {"total_kv_heads": Spec("nhd", "bfloat16", num_blocks=BLOCKS, layers=LAYERS,
                                      heads=4, tp_size=2, tp_rank=0),
               "heads": spec("nhd", (4, 1))}  # holds heads 2-3; the TP 2 rank 1 peer 4-7
