@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 from .backends import BackendConfig, get_backend
 from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolError
 from .handle import DEMAND, TransferHandle
+from .heads import exchange_heads
 from .layout import KVLayout
 from .memory import RegisteredMemory
 from .metadata import Peer, decode_metadata, encode_metadata
@@ -193,8 +194,12 @@ class Agent:
 
         Raises:
             RemoteProtocolError: malformed metadata.
-            LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field).
+            LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field;
+                ``heads`` when its tensor-parallel shard shares no KV head with ours).
             PeerUnreachable: another backend, or it cannot be reached.
+
+        A peer of the same model geometry but another tensor-parallel shard is accepted:
+        reads and writes move the KV heads both hold (``peer.shared_heads``).
         """
         self._check_open()
         info = decode_metadata(metadata)
@@ -204,6 +209,7 @@ class Agent:
             raise PeerUnreachable(f"peer {info.name!r} uses backend {info.backend!r}, "
                                   f"this agent {self.backend_name!r}")
         self.layout.descriptor.check_compatible(info.descriptor)
+        heads = exchange_heads(self.layout.descriptor, info.descriptor)
         with self._lock:
             adding = self._adding.setdefault(info.name, threading.Lock())
         with adding:  # one connection per name, however many threads add it at once
@@ -211,7 +217,7 @@ class Agent:
                 existing = self._peers.get(info.name)
             if existing is not None and existing.alive and existing._metadata == metadata:
                 return existing
-            peer = Peer(info, self.backend.connect(info), metadata)
+            peer = Peer(info, self.backend.connect(info), metadata, heads)
             with self._lock:
                 closed = self._closed
                 if not closed:
@@ -384,13 +390,15 @@ class Agent:
             if len(set(ids)) != len(ids):
                 raise ValueError(f"{op} names a {side} block more than once")
         layer_list = layout.normalize_layers(layers)
+        block_bytes = peer.heads.nbytes(memory.layer_block_bytes)  # our heads it shares
         deadline = time.monotonic() + (self.transfer_timeout if timeout is None else timeout)
         if op == "read" and priority == DEMAND and stream is None and key is None and \
                 (sources := self._fills.covering(peer.name, runs, layer_list)):
             return self._join(peer, layer_list, deadline, sources)
-        handle = make_handle(next(self._ids), peer.name, op, runs, layer_list, memory,
+        handle = make_handle(next(self._ids), peer.name, op, runs, layer_list, block_bytes,
                              self.config, deadline, notify=notify, event=event,
                              priority=priority, key=key)
+        handle.heads = peer.heads if peer.heads.sliced else None
         if stream is not None:
             handle.before_done = lambda: _order_stream_after(stream, memory)
         result = WriteStream(handle, MAX_NOTIFY) if key is not None else handle  # type: ignore

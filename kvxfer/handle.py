@@ -34,6 +34,7 @@ import time
 from typing import Any, Callable, Generator, Sequence
 
 from .errors import TransferFailed, TransferTimeout
+from .heads import HeadExchange
 from .plan import Chunk, Message
 
 log = logging.getLogger("kvxfer.handle")
@@ -82,6 +83,9 @@ class TransferHandle:
         # Set by the Agent (read with stream=): runs on the completing thread just before
         # the handle becomes done (the engine's stream is made to wait there).
         self.before_done: Callable[[], None] | None = None
+        # Set by the Agent before submit, for a peer of another tensor-parallel shard:
+        # which of each side's KV heads the chunks move. None: whole blocks.
+        self.heads: HeadExchange | None = None
         self._cond = threading.Condition()
         self._state = PENDING
         self._error: TransferFailed | None = None

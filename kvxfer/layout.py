@@ -26,13 +26,15 @@ from typing import Iterable, Sequence
 import torch
 
 from .errors import BlockOutOfRange, LayoutMismatch
+from .heads import exchange_heads, shard_heads
 
 KV_PARTS = ("K", "V")
 MLA_PARTS = ("L",)
 
-# Descriptor fields two peers must agree on for their blocks to be interchangeable.
-_COMPARED = ("block_order", "dtype", "num_layers", "parts", "block_size", "num_kv_heads",
-             "head_dim", "block_bytes")
+# Descriptor fields two peers must agree on (the model's geometry) to exchange KV. Their
+# tensor-parallel shards may differ: they exchange the heads both hold (kvxfer.heads).
+_COMPARED = ("block_order", "dtype", "num_layers", "parts", "block_size", "total_kv_heads",
+             "head_dim")
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +58,9 @@ class Region:
 class LayoutDescriptor:
     """What peers exchange to check that their blocks mean the same bytes.
 
-    ``num_blocks`` and ``device`` may differ between peers; every other field must match.
+    ``num_blocks`` and ``device`` may differ between peers, and so may the shard
+    (``head_start``, ``num_kv_heads``) as long as the peers share a head; every other
+    field must match.
     """
 
     block_order: str  # "NHD" (token-major), "HND" (head-major) or "MLA"
@@ -69,14 +73,24 @@ class LayoutDescriptor:
     block_bytes: int  # bytes of one block of one (layer, part)
     num_blocks: int
     device: str  # "cpu" or "cuda"
+    total_kv_heads: int  # KV heads of the model (1 for MLA)
+    head_start: int  # first global KV head this side holds (its tensor-parallel shard)
 
     def check_compatible(self, other: "LayoutDescriptor") -> None:
-        """Raise LayoutMismatch naming the first field on which the peers differ."""
+        """Raise LayoutMismatch naming the first field on which the peers differ, or
+        ``heads`` when their tensor-parallel shards share no KV head."""
         for name in _COMPARED:
             mine, theirs = getattr(self, name), getattr(other, name)
             if mine != theirs:
                 raise LayoutMismatch(
                     f"KV layouts differ in {name}: local {mine!r}, peer {theirs!r}", field=name)
+        # Bytes of one head's share of a block (the whole block for equal shards).
+        if self.block_bytes * other.num_kv_heads != other.block_bytes * self.num_kv_heads:
+            raise LayoutMismatch(
+                f"KV layouts differ in block_bytes: local {self.block_bytes} for "
+                f"{self.num_kv_heads} heads, peer {other.block_bytes} for {other.num_kv_heads}",
+                field="block_bytes")
+        exchange_heads(self, other)
 
     def to_bytes(self) -> bytes:
         return json.dumps(asdict(self), separators=(",", ":")).encode()
@@ -94,10 +108,18 @@ class LayoutDescriptor:
         except (ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
             raise LayoutMismatch(f"malformed layout descriptor: {exc}", field="descriptor") from exc
         for name in ("num_layers", "block_size", "num_kv_heads", "head_dim", "block_bytes",
-                     "num_blocks"):
+                     "num_blocks", "total_kv_heads", "head_start"):
             value = getattr(desc, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise LayoutMismatch(f"malformed layout descriptor: {name}={value!r}", field=name)
+        if not 0 < desc.num_kv_heads <= desc.total_kv_heads - desc.head_start:
+            raise LayoutMismatch(f"malformed layout descriptor: heads [{desc.head_start}, "
+                                 f"{desc.head_start + desc.num_kv_heads}) of "
+                                 f"{desc.total_kv_heads}", field="head_start")
+        if desc.block_size <= 0 or desc.block_bytes % (desc.block_size * desc.num_kv_heads):
+            raise LayoutMismatch(f"malformed layout descriptor: {desc.block_bytes} bytes are "
+                                 f"not {desc.block_size} tokens of {desc.num_kv_heads} heads",
+                                 field="block_bytes")
         return desc
 
 
@@ -110,7 +132,8 @@ class KVLayout:
     """
 
     def __init__(self, regions: Sequence[Region], *, block_order: str, parts: tuple[str, ...],
-                 block_size: int, num_kv_heads: int, head_dim: int) -> None:
+                 block_size: int, num_kv_heads: int, head_dim: int, head_start: int = 0,
+                 total_kv_heads: int | None = None) -> None:
         if not regions:
             raise LayoutMismatch("a KV layout needs at least one layer", field="num_layers")
         first = regions[0].view
@@ -125,12 +148,15 @@ class KVLayout:
             block_order=block_order, dtype=str(first.dtype).removeprefix("torch."),
             num_layers=self.num_layers, parts=parts, block_size=block_size,
             num_kv_heads=num_kv_heads, head_dim=head_dim, block_bytes=self.block_bytes,
-            num_blocks=self.num_blocks, device=first.device.type)
+            num_blocks=self.num_blocks, device=first.device.type,
+            total_kv_heads=num_kv_heads if total_kv_heads is None else total_kv_heads,
+            head_start=head_start)
 
     # ----------------------------------------------------------------- constructors
     @classmethod
     def vllm(cls, tensors: Sequence[torch.Tensor], kv_layout: str = "NHD",
-             kv_dim: int = 0) -> "KVLayout":
+             kv_dim: int = 0, *, tp_rank: int = 0, tp_size: int = 1,
+             total_kv_heads: int | None = None) -> "KVLayout":
         """vLLM's paged KV cache: one tensor per layer.
 
         Args:
@@ -140,9 +166,13 @@ class KVLayout:
                 (``[num_blocks, 2, ...]``, FlashInfer's order).
             kv_layout: "NHD" or "HND".
             kv_dim: where the size-2 K/V axis is, 0 or 1.
+            tp_rank, tp_size: this worker's tensor-parallel rank and size; the tensors
+                hold that rank's shard of the KV heads (see :func:`kvxfer.heads.shard_heads`).
+            total_kv_heads: the model's KV heads; needed when ``tp_size > 1``.
 
         Raises:
-            LayoutMismatch: on a wrong rank, shape, dtype, device or stride.
+            LayoutMismatch: on a wrong rank, shape, dtype, device or stride, or a head
+                count that is not the shard of ``tp_rank`` (names the field).
         """
         if kv_layout not in ("NHD", "HND"):
             raise LayoutMismatch(f"kv_layout must be 'NHD' or 'HND', got {kv_layout!r}",
@@ -165,21 +195,25 @@ class KVLayout:
             for p, part in enumerate(KV_PARTS):
                 regions.append(_region(layer, part, t.select(kv_dim, p)))
         return cls(regions, block_order=kv_layout, parts=KV_PARTS, block_size=block_size,
-                   num_kv_heads=heads, head_dim=head_dim)
+                   num_kv_heads=heads, head_dim=head_dim,
+                   **_shard(heads, tp_rank, tp_size, total_kv_heads))
 
     @classmethod
     def split_kv(cls, k_tensors: Sequence[torch.Tensor], v_tensors: Sequence[torch.Tensor],
-                 block_size: int) -> "KVLayout":
+                 block_size: int, *, tp_rank: int = 0, tp_size: int = 1,
+                 total_kv_heads: int | None = None) -> "KVLayout":
         """Separate K and V tensors per layer, as SGLang's token pool keeps them.
 
         Args:
             k_tensors, v_tensors: per layer, ``[num_blocks * block_size, num_kv_heads,
                 head_dim]``; a block is ``block_size`` consecutive token slots.
             block_size: tokens per block (SGLang's page size).
+            tp_rank, tp_size, total_kv_heads: the tensor-parallel shard, as for :meth:`vllm`.
 
         Raises:
-            LayoutMismatch: on unequal K/V lists, shapes not divisible by block_size, or a
-                wrong rank, dtype, device or stride.
+            LayoutMismatch: on unequal K/V lists, shapes not divisible by block_size, a
+                wrong rank, dtype, device or stride, or a head count that is not the
+                shard of ``tp_rank``.
         """
         if not isinstance(block_size, int) or block_size <= 0:
             raise LayoutMismatch(f"block_size must be a positive int, got {block_size!r}",
@@ -200,11 +234,15 @@ class KVLayout:
             for part, t in zip(KV_PARTS, (tensors[layer], tensors[n + layer])):
                 regions.append(_region(layer, part, t.unflatten(0, (slots // block_size, block_size))))
         return cls(regions, block_order="NHD", parts=KV_PARTS, block_size=block_size,
-                   num_kv_heads=heads, head_dim=head_dim)
+                   num_kv_heads=heads, head_dim=head_dim,
+                   **_shard(heads, tp_rank, tp_size, total_kv_heads))
 
     @classmethod
     def mla(cls, tensors: Sequence[torch.Tensor]) -> "KVLayout":
         """Multi-head latent attention (DeepSeek): one latent tensor per layer.
+
+        Every tensor-parallel rank holds the whole latent, so any rank may serve any
+        other whatever the two sides' TP sizes: there is no shard to give.
 
         Args:
             tensors: per layer, ``[num_blocks, block_size, latent_dim]``.
@@ -251,7 +289,23 @@ class KVLayout:
         d = self.descriptor
         return (f"KVLayout({d.block_order}, {d.dtype}, layers={d.num_layers}, "
                 f"blocks={d.num_blocks}x{d.block_size} tokens, heads={d.num_kv_heads}x"
-                f"{d.head_dim}, {d.device})")
+                f"{d.head_dim} (from {d.head_start} of {d.total_kv_heads}), {d.device})")
+
+
+def _shard(heads: int, tp_rank: int, tp_size: int,
+           total_kv_heads: int | None) -> dict[str, int]:
+    """``head_start`` and ``total_kv_heads`` of a layout whose tensors hold ``heads``."""
+    if total_kv_heads is None:
+        if tp_size != 1 or tp_rank != 0:
+            raise LayoutMismatch("a tensor-parallel shard (tp_size > 1) needs the model's "
+                                 "total_kv_heads", field="total_kv_heads")
+        total_kv_heads = heads
+    shard = shard_heads(tp_rank, tp_size, total_kv_heads)
+    if shard.count != heads:
+        raise LayoutMismatch(f"rank {tp_rank} of tp_size {tp_size} holds {shard.count} of "
+                             f"{total_kv_heads} KV heads, but the tensors hold {heads}",
+                             field="num_kv_heads")
+    return {"head_start": shard.first, "total_kv_heads": total_kv_heads}
 
 
 def _check_tensors(tensors: Sequence[torch.Tensor], ndim: int, what: str) -> list[torch.Tensor]:

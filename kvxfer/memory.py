@@ -12,6 +12,9 @@ about a chunk given as (layers, runs of block ids) on this side:
   buffer), for host tensors with one memcpy per contiguous run.
 
 Wire order of a chunk: for each layer, for each part, for each run, the run's blocks.
+Every method takes ``heads=(h0, h1)`` too: then a block stands for the pieces holding
+those of its heads (:func:`kvxfer.heads.block_segments`; the packing module's order),
+which is how peers of other tensor-parallel sizes exchange the heads they share.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import BlockOutOfRange, LayoutMismatch
+from .heads import HeadRange, Segments, block_segments
 from .layout import KVLayout, LayoutDescriptor
 from .plan import MAX_CHUNK_BYTES
 
@@ -52,7 +56,7 @@ class RegisteredMemory:
         # Every region stores its blocks back to back: a run of blocks is one buffer.
         self.dense = all(r.block_stride == r.block_bytes for r in layout.regions)
         self._local = threading.local()  # per backend thread: its CUDA stream
-        self._arrays: dict[int, np.ndarray] = {}  # region -> numpy block view (host)
+        self._arrays: dict[tuple, np.ndarray] = {}  # (region, pieces) -> numpy view (host)
         # Host regions: a flat byte view of each region's storage and the offset of block 0.
         self._views: list[memoryview] = []
         self._offsets: list[int] = []
@@ -65,14 +69,26 @@ class RegisteredMemory:
                 self._strides.append(region.block_stride)
 
     # ------------------------------------------------------------------ checks
-    def check(self, layers: Sequence[int], runs: Runs) -> int:
+    def segments(self, heads: HeadRange | None) -> Segments:
+        """Where heads ``[h0, h1)`` lie in each block (the whole block for None).
+
+        Raises:
+            BlockOutOfRange: a head range outside our heads, or any for MLA.
+        """
+        try:
+            return block_segments(self.layout.descriptor, heads)
+        except LayoutMismatch as exc:
+            raise BlockOutOfRange(str(exc)) from None
+
+    def check(self, layers: Sequence[int], runs: Runs, heads: HeadRange | None = None) -> int:
         """Validate a chunk against the layout; returns its size in bytes.
 
         Raises:
-            BlockOutOfRange: a layer or block is outside the layout, layers are not
-                strictly ascending, a block is named twice (overlapping runs), or the
-                chunk is larger than one frame may carry. Checked before any work.
+            BlockOutOfRange: a layer, block or head range is outside the layout, layers
+                are not strictly ascending, a block is named twice (overlapping runs), or
+                the chunk is larger than one frame may carry. Checked before any work.
         """
+        seg = self.segments(heads)
         prev = -1
         for layer in layers:
             if not prev < layer < self.num_layers:
@@ -88,7 +104,7 @@ class RegisteredMemory:
         if blocks > self.num_blocks:  # cheap bound first: at most the whole cache
             raise BlockOutOfRange(f"a chunk of {blocks} blocks names some of the "
                                   f"registered {self.num_blocks} more than once")
-        nbytes = blocks * self.layer_block_bytes * len(layers)
+        nbytes = blocks * seg.count * seg.nbytes * self.num_parts * len(layers)
         if nbytes > MAX_CHUNK_BYTES:
             raise BlockOutOfRange(f"a chunk of {nbytes} bytes exceeds the limit of "
                                   f"{MAX_CHUNK_BYTES} per chunk")
@@ -109,23 +125,30 @@ class RegisteredMemory:
         self.layout.descriptor.check_compatible(theirs)
         return theirs
 
-    def stages(self, runs: Runs) -> bool:
+    def stages(self, runs: Runs, heads: HeadRange | None = None) -> bool:
         """Whether a chunk goes through a contiguous staging buffer rather than
         scatter-gather I/O: always when ``staged`` (CUDA memory, UCX), and for host
         memory when its pieces would average under ``SCATTER_MIN`` bytes (SGLang's page
         size 1, scattered slots), where one Python view per piece costs more than a
-        gather by the packing code."""
+        gather by the packing code. A head slice is one piece per block (HND) or per
+        token (NHD)."""
         if self.staged:
             return True
         blocks = sum(n for _, n in runs)
+        if heads is not None:
+            seg = self.segments(heads)
+            return seg.nbytes < SCATTER_MIN
         pieces = len(runs) if self.dense else blocks
         return blocks * self.block_bytes < SCATTER_MIN * pieces
 
     # ---------------------------------------------------------- host (zero copy)
-    def host_buffers(self, layers: Sequence[int], runs: Runs) -> list[memoryview]:
+    def host_buffers(self, layers: Sequence[int], runs: Runs,
+                     heads: HeadRange | None = None) -> list[memoryview]:
         """Memoryviews over the chunk's bytes in wire order (host memory only)."""
         if not self.is_host:
             raise LayoutMismatch("host_buffers() needs host memory", field="device")
+        if heads is not None:
+            return self._head_buffers(layers, runs, self.segments(heads))
         out: list[memoryview] = []
         bb = self.block_bytes
         for layer in layers:
@@ -140,6 +163,19 @@ class RegisteredMemory:
                                    for i in range(count))
         return out
 
+    def _head_buffers(self, layers: Sequence[int], runs: Runs,
+                      seg: Segments) -> list[memoryview]:
+        out: list[memoryview] = []
+        for layer in layers:
+            for r in range(layer * self.num_parts, (layer + 1) * self.num_parts):
+                view, base, stride = self._views[r], self._offsets[r], self._strides[r]
+                for start, count in runs:
+                    for b in range(start, start + count):
+                        off = base + b * stride + seg.offset
+                        out.extend(view[off + s * seg.pitch:off + s * seg.pitch + seg.nbytes]
+                                   for s in range(seg.count))
+        return out
+
     # ------------------------------------------------------------------ staged
     @staticmethod
     def _block_ids(runs: Runs) -> torch.Tensor:
@@ -150,16 +186,19 @@ class RegisteredMemory:
         ids = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - first, counts)
         return torch.from_numpy(ids)
 
-    def pack_into(self, layers: Sequence[int], runs: Runs, out: torch.Tensor) -> None:
+    def pack_into(self, layers: Sequence[int], runs: Runs, out: torch.Tensor,
+                  heads: HeadRange | None = None) -> None:
         """Copy the chunk into the contiguous uint8 tensor ``out`` (its first bytes)."""
-        self._stage(layers, runs, out, into_blocks=False)
+        self._stage(layers, runs, out, into_blocks=False, heads=heads)
 
-    def unpack_from(self, layers: Sequence[int], runs: Runs, src: torch.Tensor) -> None:
-        """Scatter the contiguous uint8 tensor ``src`` into the chunk's blocks."""
-        self._stage(layers, runs, src, into_blocks=True)
+    def unpack_from(self, layers: Sequence[int], runs: Runs, src: torch.Tensor,
+                    heads: HeadRange | None = None) -> None:
+        """Scatter the contiguous uint8 tensor ``src`` into the chunk's blocks (only the
+        pieces of ``heads``, when given: the block's other heads are left as they are)."""
+        self._stage(layers, runs, src, into_blocks=True, heads=heads)
 
     def _stage(self, layers: Sequence[int], runs: Runs, packed: torch.Tensor,
-               into_blocks: bool) -> None:
+               into_blocks: bool, heads: HeadRange | None = None) -> None:
         """Blocks <-> a packed chunk. Host blocks in long runs: one memcpy per run (the
         same bytes as the packing module's, without a torch call per region, which
         costs more than the copy when a chunk holds few blocks). Scattered host blocks:
@@ -167,8 +206,8 @@ class RegisteredMemory:
         waited for (that stream only) before the chunk is read or the blocks used."""
         if not runs:  # a write of no blocks (a notify alone) moves nothing
             return
-        few_pieces = self.dense and len(runs) * SCATTER_MIN <= sum(n for _, n in runs) * \
-            self.block_bytes
+        few_pieces = heads is None and self.dense and \
+            len(runs) * SCATTER_MIN <= sum(n for _, n in runs) * self.block_bytes
         if self.is_host and packed.device.type == "cpu" and few_pieces:
             buf = memoryview(packed.numpy()).cast("B")
             off = 0
@@ -182,48 +221,50 @@ class RegisteredMemory:
             return
         ids = self._block_ids(runs)
         if self.is_host:
-            self._gather_host(layers, ids.numpy(), packed, into_blocks)
+            self._gather_host(layers, ids.numpy(), packed, into_blocks, self.segments(heads))
             return
         from .packing import pack, packed_nbytes, unpack
 
-        chunk = packed[:packed_nbytes(self.layout, len(ids), layers)]
+        chunk = packed[:packed_nbytes(self.layout, len(ids), layers, heads)]
         # CUDA: on this thread's own stream, never the engine's; wait for this copy only
         # (a transport reads the chunk next, or the engine may use the blocks).
         stream = self.thread_stream()
         with torch.cuda.stream(stream):
-            (unpack(self.layout, ids, layers, chunk) if into_blocks
-             else pack(self.layout, ids, layers, out=chunk))
+            (unpack(self.layout, ids, layers, chunk, heads=heads) if into_blocks
+             else pack(self.layout, ids, layers, out=chunk, heads=heads))
         stream.synchronize()
 
     def _gather_host(self, layers: Sequence[int], ids: np.ndarray, packed: torch.Tensor,
-                     into_blocks: bool) -> None:
+                     into_blocks: bool, seg: Segments) -> None:
         """Scattered host blocks <-> a packed chunk, one numpy take / put per region.
         Not torch: its index ops fan out to OpenMP threads, which on a loaded host wait
         for cores (32 ms against 0.3 ms per 4 MiB chunk measured here)."""
-        n, bb = len(ids), self.block_bytes
+        n, bb = len(ids), seg.count * seg.nbytes  # bb: bytes of one block's selection
         out = packed.numpy()
         off = 0
         for layer in layers:
             for r in range(layer * self.num_parts, (layer + 1) * self.num_parts):
-                blocks = self._block_array(r)
-                piece = out[off:off + n * bb].view(blocks.dtype).reshape(n, blocks.shape[1])
+                blocks = self._block_array(r, seg)
+                piece = out[off:off + n * bb].view(blocks.dtype).reshape(n, *blocks.shape[1:])
                 if into_blocks:
                     blocks[ids] = piece
                 else:
                     np.take(blocks, ids, axis=0, out=piece)
                 off += n * bb
 
-    def _block_array(self, r: int) -> np.ndarray:
-        """Region ``r`` as a numpy ``[num_blocks, words]`` view over the engine's memory,
-        in the widest word its offset, stride and block size allow."""
-        cached = self._arrays.get(r)
+    def _block_array(self, r: int, seg: Segments) -> np.ndarray:
+        """Region ``r`` as a numpy ``[num_blocks, segments, words]`` view over the
+        engine's memory (each block's pieces ``seg``), in the widest word its offsets,
+        strides and sizes allow."""
+        key = (r, seg)
+        cached = self._arrays.get(key)
         if cached is None:
-            base, stride, bb = self._offsets[r], self._strides[r], self.block_bytes
+            base, stride = self._offsets[r] + seg.offset, self._strides[r]
             word = next(w for w in (8, 4, 2, 1) if base % w == 0 and stride % w == 0
-                        and bb % w == 0)
-            cached = self._arrays[r] = np.ndarray(
-                (self.num_blocks, bb // word), dtype=f"<u{word}", buffer=self._views[r],
-                offset=base, strides=(stride, word))
+                        and seg.nbytes % w == 0 and seg.pitch % w == 0)
+            cached = self._arrays[key] = np.ndarray(
+                (self.num_blocks, seg.count, seg.nbytes // word), dtype=f"<u{word}",
+                buffer=self._views[r], offset=base, strides=(stride, seg.pitch, word))
         return cached
 
     def thread_stream(self) -> "torch.cuda.Stream":

@@ -13,6 +13,7 @@ import json
 import re
 from .backends import BackendPeer, PeerInfo
 from .errors import KvxferError, RemoteProtocolError
+from .heads import HeadExchange
 from .layout import LayoutDescriptor
 from .protocol.frames import VERSION
 
@@ -31,12 +32,21 @@ def encode_metadata(name: str, backend: str, address: str, descriptor: bytes,
 class Peer:
     """A remote agent this agent can read from and write to (from :meth:`Agent.add_peer`)."""
 
-    def __init__(self, info: PeerInfo, conn: BackendPeer, metadata: bytes) -> None:
+    def __init__(self, info: PeerInfo, conn: BackendPeer, metadata: bytes,
+                 heads: HeadExchange) -> None:
         self.name = info.name
         self.address = info.address
         self.descriptor: LayoutDescriptor = info.descriptor
+        self.heads = heads  # which of its KV heads and ours reads and writes move
         self._conn = conn
         self._metadata = metadata  # what it was added with: the same bytes reuse it
+
+    @property
+    def shared_heads(self) -> range:
+        """The global KV heads this peer and we both hold: what a read from it gives us
+        (and a write to it gives it). A TP shard gathers its heads from peers whose
+        ``shared_heads`` together cover it; for MLA, ``range(0, 1)``."""
+        return self.heads.shared
 
     @property
     def alive(self) -> bool:

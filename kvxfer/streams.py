@@ -37,7 +37,6 @@ from typing import Any, Optional, Sequence
 from .backends.base import BackendConfig
 from .errors import TransferFailed, TransferTimeout
 from .handle import DEMAND, LATER, POLL, READY, TransferHandle
-from .memory import RegisteredMemory
 from .plan import Chunk, Message, Run, chunk_size, plan_chunks, plan_layer_chunks
 from .protocol.frames import NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, Note, decode_note, encode_note
 
@@ -108,20 +107,21 @@ def stream_messages(key: bytes, layers: Sequence[int], first_index: int) -> list
 
 
 def make_handle(request_id: int, peer: str, op: str, runs: Sequence[Run], layers: list[int],
-                memory: RegisteredMemory, config: BackendConfig, deadline: float, *,
+                block_bytes: int, config: BackendConfig, deadline: float, *,
                 notify: bytes = b"", event: Any = None, priority: str = DEMAND,
                 key: Optional[bytes] = None) -> TransferHandle:
     """Plan a transfer's chunks and messages and make its handle: a write stream's
     (``key`` given: one layer per chunk, a note per layer and one at the end) or an
-    ordinary read's or write's (its notify as a note after every chunk)."""
-    total = sum(n for _, _, n in runs) * memory.layer_block_bytes * len(layers)
+    ordinary read's or write's (its notify as a note after every chunk). ``block_bytes``:
+    the bytes of one block in one layer that move (the heads both peers hold)."""
+    total = sum(n for _, _, n in runs) * block_bytes * len(layers)
     size = chunk_size(total, config.chunk_bytes, config.max_inflight)
     if key is not None:
-        chunks = plan_layer_chunks(runs, layers, memory.layer_block_bytes, size)
+        chunks = plan_layer_chunks(runs, layers, block_bytes, size)
         return StreamHandle(request_id, peer, op, layers, chunks, b"", deadline,
                             messages=stream_messages(key, layers, len(chunks)),
                             priority=priority, key=key)
-    chunks = plan_chunks(runs, layers, memory.layer_block_bytes, size)
+    chunks = plan_chunks(runs, layers, block_bytes, size)
     messages = [Message(len(chunks), None, encode_note(Note(NOTE_USER, message=notify)))
                 ] if notify else []
     return TransferHandle(request_id, peer, op, layers, chunks, notify, deadline,

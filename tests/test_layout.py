@@ -91,7 +91,7 @@ def test_descriptor_round_trip_and_mismatch_fields():
     assert LayoutDescriptor.from_bytes(a.to_bytes()) == a
     other = KVLayout.vllm([torch.zeros(2, 9, 16, 2, 8)]).descriptor
     a.check_compatible(other)  # block counts may differ
-    for tensor, field in [(torch.zeros(2, 4, 16, 4, 8), "num_kv_heads"),
+    for tensor, field in [(torch.zeros(2, 4, 16, 4, 8), "total_kv_heads"),
                           (torch.zeros(2, 4, 8, 2, 8), "block_size"),
                           (torch.zeros(2, 4, 16, 2, 16), "head_dim")]:
         with pytest.raises(LayoutMismatch) as info:

@@ -106,3 +106,60 @@ def test_scattered_blocks_are_staged_and_land_in_place(kv_dim):
             assert torch.equal(dst.region(layer, part).view[[1, 2, 5, 6]],
                                src.region(layer, part).view[[6, 0, 3, 4]])
     assert not dst.region(0, "K").view.any() and not dst.region(1, "K").view[[0, 3, 4]].any()
+
+
+@pytest.mark.parametrize("order,kv_dim", [("NHD", 0), ("NHD", 1), ("HND", 0)])
+@pytest.mark.parametrize("heads", [(0, 1), (1, 3), (3, 4)])
+def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_dim, heads):
+    from kvxfer.packing import pack
+
+    gen = torch.Generator().manual_seed(1)
+    shape = (2, 8, 4, 4, 3) if kv_dim == 0 else (8, 2, 4, 4, 3)
+    lay = KVLayout.vllm([torch.randn(shape, generator=gen).half() for _ in range(3)],
+                        kv_layout=order, kv_dim=kv_dim)
+    layers, runs, ids = (0, 2), ((5, 2), (1, 1)), [5, 6, 1]
+    want = pack(lay, ids, layers, heads=heads).numpy().tobytes()
+    for mem in (RegisteredMemory(lay), RegisteredMemory(lay, staged=True)):
+        assert mem.check(layers, runs, heads) == len(want)
+        got = b"".join(bytes(v) for v in mem.host_buffers(layers, runs, heads))
+        assert got == want  # scatter-gather views
+        packed = torch.empty(len(want), dtype=torch.uint8)
+        mem.pack_into(layers, runs, packed, heads)  # the numpy gather
+        assert packed.numpy().tobytes() == want
+        other = RegisteredMemory(KVLayout.vllm(
+            [torch.zeros(shape, dtype=torch.half) for _ in range(3)], kv_layout=order,
+            kv_dim=kv_dim))
+        other.unpack_from(layers, ((0, 3),), packed, heads)
+        moved = pack(other.layout, [0, 1, 2], layers, heads=heads).numpy().tobytes()
+        assert moved == want
+        everything = pack(other.layout, list(range(8))).numpy()
+        assert int((everything != 0).sum()) == int((pack(other.layout, [0, 1, 2], layers,
+                                                          heads=heads).numpy() != 0).sum())
+
+
+def test_a_head_range_outside_the_layout_is_refused_before_any_work():
+    mem = RegisteredMemory(layout())  # 2 heads
+    for heads in [(0, 3), (2, 2), (1, 0)]:
+        with pytest.raises(BlockOutOfRange, match="head range"):
+            mem.check((0,), ((0, 1),), heads)
+    mla = RegisteredMemory(KVLayout.mla([torch.zeros(4, 2, 8)]))
+    with pytest.raises(BlockOutOfRange, match="MLA"):
+        mla.check((0,), ((0, 1),), (0, 1))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+def test_a_head_slice_of_a_cuda_cache_packs_as_the_host_reference(order):
+    from kvxfer.packing import pack
+
+    gen = torch.Generator().manual_seed(2)
+    host = [torch.randn(2, 8, 4, 4, 3, generator=gen).half() for _ in range(2)]
+    cpu = KVLayout.vllm(host, kv_layout=order)
+    mem = RegisteredMemory(KVLayout.vllm([t.cuda() for t in host], kv_layout=order))
+    want = pack(cpu, [5, 6, 1], (0, 1), heads=(1, 3))
+    for out in (torch.empty(want.numel(), dtype=torch.uint8, device="cuda"),
+                torch.empty(want.numel(), dtype=torch.uint8).pin_memory()):
+        mem.pack_into((0, 1), ((5, 2), (1, 1)), out, (1, 3))
+        assert torch.equal(out.cpu(), want)
+    mem.unpack_from((0, 1), ((0, 3),), want.cuda(), (1, 3))
+    assert torch.equal(pack(mem.layout, [0, 1, 2], (0, 1), heads=(1, 3)).cpu(), want)

@@ -14,7 +14,9 @@ from kvxfer.protocol import frames as F
 FRAMES = [
     (Hello("prefill-0", b'{"x":1}'), b""),
     (ReadRequest(7, 3, (0, 5, 31), ((10, 4), (2, 1))), b""),
+    (ReadRequest(7, 4, (2,), ((0, 1),), heads=(4, 8)), b""),
     (Write(8, 0, (1,), ((3, 2),), payload_len=6, last=True, notify=b"done"), b"abcdef"),
+    (Write(8, 1, (1,), ((5, 1),), payload_len=2, heads=(0, 1)), b"gh"),
     (Write(9, 1, (), (), payload_len=0), b""),
     (Data(7, 3, payload_len=5), b"\x00\x01\x02\x03\x04"),
     (Completion(8, 0), b""),
@@ -112,9 +114,11 @@ def _frame(ftype: int, body: bytes, payload: int = 0, flags: int = 0) -> bytes:
 
 
 @pytest.mark.parametrize("raw,match", [
-    (_frame(F.T_READ, struct.pack("!QIHI", 1, 0, 3, 0) + b"\0\0"), "truncated"),
-    (_frame(F.T_READ, struct.pack("!QIHI", 1, 0, 0, 1) + struct.pack("!II", 5, 0)),
+    (_frame(F.T_READ, struct.pack("!QIHHHI", 1, 0, 0, 0, 3, 0) + b"\0\0"), "truncated"),
+    (_frame(F.T_READ, struct.pack("!QIHHHI", 1, 0, 0, 0, 0, 1) + struct.pack("!II", 5, 0)),
      "empty run"),
+    (_frame(F.T_READ, struct.pack("!QIHHHI", 1, 0, 4, 4, 1, 1) + struct.pack("!HII", 0, 0, 1)),
+     "empty head range"),
     (_frame(F.T_COMPLETION, struct.pack("!QI", 1, 0) + b"extra"), "stray bytes"),
     (_frame(F.T_ERROR, struct.pack("!QIHH", 1, 0, 1, 2) + b"\xff\xfe"), "not utf-8"),
     (_frame(F.T_HELLO, struct.pack("!H", 5000) + b"a" * 5000 + b"\0\0\0\0"), "exceeds"),
@@ -206,8 +210,15 @@ def test_a_key_too_long_is_refused_before_it_is_sent():
         F.encode_note(F.Note(F.NOTE_LAYERS, b"k" * (F.MAX_KEY + 1), (0,)))
 
 
-def test_a_peer_speaking_version_1_is_refused_naming_both_versions():
+@pytest.mark.parametrize("old", [1, 2])  # 2: READ/WRITE without head ranges
+def test_a_peer_speaking_an_older_version_is_refused_naming_both_versions(old):
+    assert F.VERSION == 3
     conn = Connection()
-    conn.receive_data(_header(version=1))
-    with pytest.raises(RemoteProtocolError, match="version 1 .*we speak 2"):
+    conn.receive_data(_header(version=old))
+    with pytest.raises(RemoteProtocolError, match=f"version {old} .*we speak 3"):
         conn.next_event()
+
+
+def test_a_head_range_that_cannot_go_on_the_wire_is_a_local_error():
+    with pytest.raises(LocalProtocolError, match="head range"):
+        Connection(expect_hello=False).send(ReadRequest(1, 0, (0,), ((0, 1),), heads=(3, 2)))

@@ -32,3 +32,8 @@ def test_prefix_index_example_prints_what_its_comments_say():
 def test_layer_wise_example_runs():
     assert run_first_example("## Layer-wise push, prefetch and load") == [
         "[('prefill-0', b'req-42 prefilled')]", "0"]
+
+
+def test_tensor_parallel_example_gives_each_rank_its_heads():
+    assert run_first_example("## Different tensor-parallel sizes") == [
+        "0 range(0, 4)", "1 range(4, 8)"]

@@ -167,6 +167,7 @@ class ClientSide(BackendPeer):
         """Send one part's frame; a write's payload is read from engine memory only
         while the handle is active (so a failed or cancelled write stops reading it)."""
         rid = handle.request_id
+        mine, theirs = (handle.heads.local, handle.heads.remote) if handle.heads else (None, None)
         if isinstance(item, Message):  # the request's last frame once it is the final note
             if not handle.active:
                 raise Abandoned(0)
@@ -175,18 +176,19 @@ class ClientSide(BackendPeer):
             return
         if handle.op == "read":
             self.channel.send(self.encoder.send(ReadRequest(rid, item.index, item.layers,
-                                                            item.remote_runs)))
+                                                            item.remote_runs, theirs)))
             return
-        frame = Write(rid, item.index, item.layers, item.remote_runs, item.nbytes, False, b"")
-        if not self.memory.stages(item.local_runs):
-            payload = self.memory.host_buffers(item.layers, item.local_runs)
+        frame = Write(rid, item.index, item.layers, item.remote_runs, item.nbytes, False, b"",
+                      theirs)
+        if not self.memory.stages(item.local_runs, mine):
+            payload = self.memory.host_buffers(item.layers, item.local_runs, mine)
             self.channel.send(self.encoder.send(frame, payload), guard=handle)
             return
         with self._send_staging.use(item.nbytes) as (tensor, view):
             with handle.data_lock:
                 if not handle.active:
                     raise Abandoned(0)
-                self.memory.pack_into(item.layers, item.local_runs, tensor)
+                self.memory.pack_into(item.layers, item.local_runs, tensor, mine)
             self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard
 
     # ----------------------------------------------------------------- reading
@@ -225,22 +227,23 @@ class ClientSide(BackendPeer):
         if entry is None or not isinstance(entry[1], Chunk):
             raise RemoteProtocolError(f"DATA for unknown request {d.request_id} chunk {d.chunk}")
         handle, chunk = entry
+        mine = handle.heads.local if handle.heads else None
         if d.payload_len != chunk.nbytes:
             raise RemoteProtocolError(f"DATA of {d.payload_len} bytes for a chunk of "
                                       f"{chunk.nbytes}")
         if not handle.active:
             self.channel.drain_payload()
             placed = False
-        elif self.memory.stages(chunk.local_runs):  # the payload lands in our own buffer
+        elif self.memory.stages(chunk.local_runs, mine):  # the payload lands in our buffer
             with self._recv_staging.use(chunk.nbytes, wait=False) as (tensor, view):
                 self.channel.recv_payload([view])
                 with handle.data_lock:  # cancel() and deadlines wait for the unpack
                     placed = handle.active
                     if placed:
-                        self.memory.unpack_from(chunk.layers, chunk.local_runs, tensor)
+                        self.memory.unpack_from(chunk.layers, chunk.local_runs, tensor, mine)
         else:  # straight into the blocks, each transport call under the handle's lock
             placed = self.channel.recv_payload(
-                self.memory.host_buffers(chunk.layers, chunk.local_runs), guard=handle)
+                self.memory.host_buffers(chunk.layers, chunk.local_runs, mine), guard=handle)
         self._finish(d.request_id, d.chunk)
         if placed:
             handle.chunk_done(chunk)

@@ -59,7 +59,7 @@ from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreacha
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
-from .nixl_descriptors import region_table, strided_rows
+from .nixl_descriptors import head_pieces, region_table, strided_rows
 # QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
 from .nixl_peers import IDLE_POLL, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
 
@@ -106,7 +106,8 @@ class NixlBackend(NixlPeerLinks, Backend):
         self._device = 0
         self._reg: Any = None  # registered descriptor list, None once deregistered
         self._local: Any = None  # prepared local descriptor list
-        self._scratch: Any = None  # (tensor, registration, dlist): connect's warm-up read
+        # (tensor, registration, {bytes: prepared list}): connect's warm-up read
+        self._scratch: Any = None
         self._peers: list[NixlPeer] = []  # live ones, and dead ones until retired
         self._connecting: dict[str, threading.Lock] = {}  # one connect per name at a time
         self._thread: Optional[threading.Thread] = None
@@ -132,13 +133,20 @@ class NixlBackend(NixlPeerLinks, Backend):
         self._local = self._agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", strided_rows(region_table(memory), self._device), self._mem_type)
         scratch = torch.empty(memory.layout.regions[0].block_bytes, dtype=torch.uint8)
-        row = [[scratch.data_ptr(), scratch.nbytes, 0, scratch.nbytes, 1]]
         self._scratch = (scratch, self._agent.register_memory(
-            [(scratch.data_ptr(), scratch.nbytes, 0, "")], "DRAM"),
-            self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", np.asarray(row, np.uint64), "DRAM"))
+            [(scratch.data_ptr(), scratch.nbytes, 0, "")], "DRAM"), {})
         self._thread = threading.Thread(target=self._poll_loop, daemon=True,
                                         name=f"kvxfer-nixl-poll[{self.agent_name}]")
         self._thread.start()
+
+    def _scratch_list(self, nbytes: int) -> Any:
+        """A prepared one-row list of the scratch buffer's first ``nbytes``. Locked."""
+        scratch, _, lists = self._scratch
+        if nbytes not in lists:
+            row = [[scratch.data_ptr(), min(nbytes, scratch.nbytes), 0, scratch.nbytes, 1]]
+            lists[nbytes] = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT",
+                                                        np.asarray(row, np.uint64), "DRAM")
+        return lists[nbytes]
 
     @property
     def registered_storages(self) -> int:
@@ -167,8 +175,9 @@ class NixlBackend(NixlPeerLinks, Backend):
         except (struct.error, ValueError, KeyError, TypeError) as exc:
             raise RemoteProtocolError(f"malformed NIXL metadata from {peer.name!r}: {exc}") \
                 from exc
-        if [r[2] for r in table] != [r[2] for r in region_table(memory)]:
-            raise LayoutMismatch(f"peer {peer.name!r} has regions of other sizes than ours",
+        if len(table) != len(memory.layout.regions) or \
+                any(r[2] != peer.descriptor.block_bytes for r in table):
+            raise LayoutMismatch(f"peer {peer.name!r}'s regions disagree with its layout",
                                  field="block_bytes")
         if any(r[3] != peer.descriptor.num_blocks for r in table):
             raise LayoutMismatch(f"peer {peer.name!r}'s regions disagree with its layout",
@@ -189,31 +198,46 @@ class NixlBackend(NixlPeerLinks, Backend):
 
     def _load_peer(self, peer: PeerInfo, nixl_md: bytes, table: list, mem_type: str,
                    device: int) -> NixlPeer:
+        assert self._memory is not None
+        ours, theirs = head_pieces(self._memory, peer.descriptor)
+        if ours is not None and len(table) * ours.count * \
+                max(self._memory.num_blocks, peer.descriptor.num_blocks) > MAX_INDEX:
+            raise LayoutMismatch("NIXL indexes descriptors with C ints: at most 2**31 "
+                                 "(region, piece, block) triples", field="num_blocks")
         with self._cond:
             if self._closed:
                 raise AgentClosed("agent closed")
-            nixl_name = None
+            nixl_name = local_dlist = None
             try:
                 nixl_name = self._agent.add_remote_agent(nixl_md)
                 if isinstance(nixl_name, bytes):
                     nixl_name = nixl_name.decode()
-                dlist = self._agent.prep_xfer_dlist(nixl_name, strided_rows(table, device),
+                dlist = self._agent.prep_xfer_dlist(nixl_name, strided_rows(table, device, theirs),
                                                     mem_type)
+                if ours is not None:
+                    local_dlist = self._agent.prep_xfer_dlist(
+                        "NIXL_INIT_AGENT", strided_rows(region_table(self._memory), self._device,
+                                                        ours), self._mem_type)
                 self._agent.make_connection(nixl_name)
-                self._warm_up(nixl_name, dlist)
+                self._warm_up(nixl_name, dlist, table[0][2] if theirs is None else theirs.nbytes)
             except Exception as exc:  # noqa: BLE001 - nixl raises its own types
+                if local_dlist is not None:
+                    local_dlist.release()
                 if nixl_name is not None:
                     self._remove_remote(nixl_name)
                 raise PeerUnreachable(f"NIXL cannot reach peer {peer.name!r}: {exc}") from exc
             conn = NixlPeer(peer.name, nixl_name, peer.backend_metadata, dlist,
-                             peer.descriptor.num_blocks, self.config.max_inflight)
+                             peer.descriptor.num_blocks, self.config.max_inflight,
+                             local_dlist, 1 if ours is None else ours.count)
             self._peers.append(conn)
             return conn
 
-    def _warm_up(self, nixl_name: str, dlist: Any) -> None:
-        """Read the peer's block 0 of region 0 into our scratch buffer and wait: UCX wires
-        the endpoint up on its first operation, which then is not a transfer's. Locked."""
-        xfer = self._agent.make_prepped_xfer("READ", self._scratch[2], [0], dlist, [0])
+    def _warm_up(self, nixl_name: str, dlist: Any, nbytes: int) -> None:
+        """Read the peer's first descriptor (``nbytes``: a block, or the piece of one we
+        share with a peer of another TP shard, never more than our block) into our
+        scratch buffer and wait: UCX wires the endpoint up on its first operation, which
+        then is not a transfer's. Locked."""
+        xfer = self._agent.make_prepped_xfer("READ", self._scratch_list(nbytes), [0], dlist, [0])
         state = self._agent.transfer(xfer)
         limit = time.monotonic() + self.config.connect_timeout
         while state == "PROC" and time.monotonic() < limit:
@@ -268,7 +292,8 @@ class NixlBackend(NixlPeerLinks, Backend):
             self._local.release()
             self._agent.deregister_memory(self._reg)
             if not self._stuck:  # one still in flight may land in scratch: keep it
-                self._scratch[2].release()
+                for scratch_list in self._scratch[2].values():
+                    scratch_list.release()
                 self._agent.deregister_memory(self._scratch[1])
         finally:
             self._local = self._reg = self._agent = None

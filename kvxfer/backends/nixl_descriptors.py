@@ -14,12 +14,22 @@ list stay flat, region-major::
 A chunk (layers x runs) becomes the flat indices of its blocks on each side; NIXL
 merges indices that are consecutive on both sides of a dense region into one
 operation, so a run of blocks costs one operation however long it is.
+
+For a peer of another tensor-parallel shard, both sides describe only the pieces of a
+block that hold the heads they share (:func:`kvxfer.heads.block_segments`): one piece
+per block in HND (one row per region, as above, shorter and offset), one per token in
+NHD (``block_size`` rows per region, row ``r * S + s`` for token ``s``; flat index
+``(r * S + s) * NB + b``). Both sides cut their blocks into the same number of pieces
+of the same length, so the lists still pair one to one; NHD costs S times the
+descriptors, which is why HND is the layout to prefer for heterogeneous TP.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..heads import Segments, block_segments, exchange_heads
+from ..layout import LayoutDescriptor
 from ..memory import RegisteredMemory
 from ..plan import Chunk
 
@@ -31,17 +41,40 @@ def region_table(memory: RegisteredMemory) -> RegionTable:
     return [[r.base, r.block_stride, r.block_bytes, r.num_blocks] for r in memory.layout.regions]
 
 
-def strided_rows(table: RegionTable, device: int) -> np.ndarray:
-    """Rx5 (address, length, device, stride, count): one row per region."""
-    rows = [[base, nbytes, device, stride, n] for base, stride, nbytes, n in table]
+def head_pieces(memory: RegisteredMemory,
+                peer: LayoutDescriptor) -> tuple[Segments | None, Segments | None]:
+    """(ours, theirs): where the heads we share with a peer of another tensor-parallel
+    shard lie in each side's blocks, cut alike; (None, None) when whole blocks pair up.
+
+    Raises:
+        LayoutMismatch: the shards share no head.
+    """
+    mine = memory.layout.descriptor
+    heads = exchange_heads(mine, peer)
+    if not heads.sliced:
+        return None, None
+    local, remote = heads.explicit()
+    return block_segments(mine, local), block_segments(peer, remote)
+
+
+def strided_rows(table: RegionTable, device: int, pieces: Segments | None = None) -> np.ndarray:
+    """(R*S)x5 (address, length, device, stride, count): one row per region, or per
+    region and piece of a block (``pieces``: where the shared heads lie in a block)."""
+    if pieces is None:
+        rows = [[base, nbytes, device, stride, n] for base, stride, nbytes, n in table]
+    else:
+        rows = [[base + pieces.offset + s * pieces.pitch, pieces.nbytes, device, stride, n]
+                for base, stride, _, n in table for s in range(pieces.count)]
     return np.ascontiguousarray(np.asarray(rows, dtype=np.uint64).reshape(-1, 5))
 
 
-def chunk_indices(chunk: Chunk, parts: int, num_blocks: int, side: int) -> np.ndarray:
+def chunk_indices(chunk: Chunk, parts: int, num_blocks: int, side: int,
+                  pieces: int = 1) -> np.ndarray:
     """Flat descriptor indices of a chunk on one side (0: local runs, 1: remote runs).
 
-    Layer-major, then part, then the chunk's blocks in run order, so that the local and
-    remote lists pair block for block.
+    Layer-major, then part (then piece of a block, for head-sliced lists of ``pieces``
+    rows per region), then the chunk's blocks in run order, so that the local and
+    remote lists pair block (piece) for block.
     """
     starts = np.fromiter((run[side] for run in chunk.runs), dtype=np.int64,
                          count=len(chunk.runs))
@@ -50,6 +83,6 @@ def chunk_indices(chunk: Chunk, parts: int, num_blocks: int, side: int) -> np.nd
     # blocks of every run, concatenated, without one arange per run
     offsets = np.cumsum(counts) - counts
     blocks = np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - offsets, counts)
-    regions = np.asarray([layer * parts + p for layer in chunk.layers for p in range(parts)],
-                         dtype=np.int64)
+    regions = np.asarray([(layer * parts + p) * pieces + s for layer in chunk.layers
+                          for p in range(parts) for s in range(pieces)], dtype=np.int64)
     return (regions[:, None] * num_blocks + blocks[None, :]).ravel().astype(np.int32)

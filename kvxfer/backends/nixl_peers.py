@@ -68,11 +68,16 @@ class NixlPeer(BackendPeer):
     """
 
     def __init__(self, name: str, nixl_name: str, metadata: bytes, dlist: Any,
-                 num_blocks: int, max_inflight: int) -> None:
+                 num_blocks: int, max_inflight: int, local_dlist: Any = None,
+                 pieces: int = 1) -> None:
         self.name = name
         self.nixl_name = nixl_name
         self.metadata = metadata  # the backend metadata it was connected with
         self.dlist = dlist  # prepared remote descriptors; None once released
+        # A peer of another TP shard: our descriptors of the heads it shares (None: the
+        # backend's whole-block list) and the pieces per block both lists cut blocks into.
+        self.local_dlist = local_dlist
+        self.pieces = pieces
         self.num_blocks = num_blocks
         self.queue = ChunkQueue(max_inflight, messages_after_finish=True)
         self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
@@ -148,6 +153,12 @@ class NixlPeerLinks:
         except Exception as exc:  # noqa: BLE001
             log.debug("releasing NIXL descriptors of %r: %s", peer.name, exc)
         peer.dlist = None
+        if peer.local_dlist is not None:
+            try:
+                peer.local_dlist.release()
+            except Exception as exc:  # noqa: BLE001
+                log.debug("releasing our NIXL descriptors for %r: %s", peer.name, exc)
+            peer.local_dlist = None
         peer.queue.clear()
         self._remove_remote(peer.nixl_name)
         if peer in self._peers:
@@ -226,10 +237,12 @@ class NixlPeerLinks:
             memory = self._memory
             assert memory is not None
             try:
+                parts, pieces = memory.num_parts, peer.pieces
                 xfer = self._agent.make_prepped_xfer(
                     "READ" if handle.op == "read" else "WRITE",
-                    self._local, chunk_indices(chunk, memory.num_parts, memory.num_blocks, 0),
-                    peer.dlist, chunk_indices(chunk, memory.num_parts, peer.num_blocks, 1))
+                    self._local if peer.local_dlist is None else peer.local_dlist,
+                    chunk_indices(chunk, parts, memory.num_blocks, 0, pieces),
+                    peer.dlist, chunk_indices(chunk, parts, peer.num_blocks, 1, pieces))
             except Exception as exc:  # noqa: BLE001 - this request's blocks, not the link
                 peer.queue.finish(*key)
                 events.append((handle.fail, TransferFailed(

@@ -5,7 +5,8 @@ Theory of operation
 One thread per accepted channel. After the HELLO (layouts checked) it takes frames in
 order and answers every request, each on its own::
 
-    READ(req, chunk, layers, runs)   -> check -> DATA + the blocks' bytes | ERROR
+    READ(req, chunk, heads, layers, runs) -> check -> DATA + the blocks' bytes | ERROR
+                                     (a head range: only those heads' pieces, packed)
     WRITE(req, chunk, ..., payload)  -> check -> payload into the blocks -> COMPLETION
                                                  | drain the payload -> ERROR
     WRITE(req, n, note, no runs)     -> deliver the note to the agent (unless a chunk
@@ -124,17 +125,17 @@ class ServerSide:
 
     def serve_read(self, req: ReadRequest) -> None:
         try:
-            nbytes = self.memory.check(req.layers, req.runs)
+            nbytes = self.memory.check(req.layers, req.runs, req.heads)
         except BlockOutOfRange as exc:
             self.send(Error(req.request_id, req.chunk, E_RANGE, str(exc)))
             return
-        if self.memory.stages(req.runs):
+        if self.memory.stages(req.runs, req.heads):  # a head slice: only those heads
             with self.staging.use(nbytes) as (tensor, view):
-                self.memory.pack_into(req.layers, req.runs, tensor)
+                self.memory.pack_into(req.layers, req.runs, tensor, req.heads)
                 self.send(Data(req.request_id, req.chunk, nbytes), (view,))
             return
         self.send(Data(req.request_id, req.chunk, nbytes),
-                  tuple(self.memory.host_buffers(req.layers, req.runs)))
+                  tuple(self.memory.host_buffers(req.layers, req.runs, req.heads)))
 
     def remember_refused(self, request_id: int) -> None:
         self.refused[request_id] = None
@@ -149,18 +150,18 @@ class ServerSide:
 
     def serve_write(self, w: Write) -> None:
         try:
-            nbytes = self.memory.check(w.layers, w.runs)
+            nbytes = self.memory.check(w.layers, w.runs, w.heads)
         except BlockOutOfRange as exc:
             return self.refuse_write(w, E_RANGE, str(exc))
         if nbytes != w.payload_len:
             return self.refuse_write(w, E_SIZE, f"write carries {w.payload_len} bytes for a "
                                                 f"chunk of {nbytes}")
-        if w.runs and self.memory.stages(w.runs):
+        if w.runs and self.memory.stages(w.runs, w.heads):
             with self.staging.use(nbytes, wait=False) as (tensor, view):
                 self.channel.recv_payload([view])
-                self.memory.unpack_from(w.layers, w.runs, tensor)
+                self.memory.unpack_from(w.layers, w.runs, tensor, w.heads)
         elif w.runs:
-            self.channel.recv_payload(self.memory.host_buffers(w.layers, w.runs))
+            self.channel.recv_payload(self.memory.host_buffers(w.layers, w.runs, w.heads))
         refused = w.request_id in self.refused
         if w.last:  # the request's last frame: no more of it will come
             self.refused.pop(w.request_id, None)

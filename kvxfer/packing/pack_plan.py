@@ -25,6 +25,7 @@ import operator
 import torch
 
 from ..errors import BlockOutOfRange, LayoutMismatch
+from ..heads import block_segments
 from ..layout import KVLayout, Region
 
 BlockIds = Union[Sequence[int], torch.Tensor]
@@ -62,31 +63,14 @@ def widest_word(values: Sequence[int], widths: Sequence[int] = (16, 8, 4, 2, 1))
 
 
 def segment_geometry(layout: KVLayout, heads: tuple[int, int] | None) -> tuple[int, int, int, int]:
-    """``(num_segs, seg_off, seg_pitch, seg_bytes)`` of a block, whole or head-sliced.
+    """``(num_segs, seg_off, seg_pitch, seg_bytes)`` of a block, whole or head-sliced
+    (:func:`kvxfer.heads.block_segments`, which NIXL descriptor lists share).
 
     Raises:
         LayoutMismatch: heads given for an MLA layout, or not ``0 <= h0 < h1 <= heads``.
     """
-    if heads is None:
-        return 1, 0, layout.block_bytes, layout.block_bytes
-    d = layout.descriptor
-    if d.block_order == "MLA":
-        raise LayoutMismatch("head slicing is undefined for MLA layouts (one latent vector "
-                             "per token, no heads)", field="heads")
-    try:
-        h0, h1 = (int(h) for h in heads)
-    except (TypeError, ValueError) as exc:
-        raise LayoutMismatch(f"heads must be a pair (h0, h1), got {heads!r}",
-                             field="heads") from exc
-    if not 0 <= h0 < h1 <= d.num_kv_heads:
-        raise LayoutMismatch(f"head range [{h0}, {h1}) is empty or outside [0, "
-                             f"{d.num_kv_heads})", field="heads")
-    head_bytes = d.head_dim * layout.dtype.itemsize
-    if d.block_order == "NHD":
-        pitch = d.num_kv_heads * head_bytes
-        return d.block_size, h0 * head_bytes, pitch, (h1 - h0) * head_bytes
-    token_bytes = d.block_size * head_bytes  # HND: heads are contiguous runs of tokens
-    return 1, h0 * token_bytes, layout.block_bytes, (h1 - h0) * token_bytes
+    seg = block_segments(layout.descriptor, heads)
+    return seg.count, seg.offset, seg.pitch, seg.nbytes
 
 
 def block_id_tensor(layout: KVLayout, block_ids: BlockIds) -> torch.Tensor:

@@ -14,13 +14,19 @@ Every frame is a fixed 20-byte header, a typed body, and an optional payload::
 Bodies (``runs`` are (first block id, block count) pairs on the receiver's side)::
 
     HELLO       u16 name_len, name, u32 desc_len, descriptor (JSON of LayoutDescriptor)
-    READ        u64 request, u32 chunk, u16 n_layers, u32 n_runs, n_layers*u16, n_runs*(u32,u32)
+    READ        u64 request, u32 chunk, u16 h0, u16 h1, u16 n_layers, u32 n_runs,
+                n_layers*u16, n_runs*(u32,u32)
     WRITE       as READ, then u32 notify_len, notify     (payload: the chunk's bytes)
                 (no runs, notify set: a message for the receiving agent, a note below)
     DATA        u64 request, u32 chunk                   (payload: the chunk's bytes)
     COMPLETION  u64 request, u32 chunk
     ERROR       u64 request, u32 chunk, u16 code, u16 msg_len, msg (utf-8)
     CLOSE       u16 reason_len, reason
+
+``h0, h1`` (version 3) are the KV heads ``[h0, h1)`` of the receiver's own heads that
+the chunk moves, for peers of other tensor-parallel sizes; ``0, 0``: whole blocks. A
+head-sliced chunk carries, per block, only the pieces holding those heads
+(:func:`kvxfer.heads.block_segments`), in the packing module's order.
 
 A WRITE's notify is a note for the receiving agent, delivered once the chunks before it
 on the connection have landed (version 2; version 1 carried the user's bytes bare)::
@@ -45,10 +51,10 @@ import struct
 from dataclasses import dataclass, field
 from typing import Union
 
-from ..errors import RemoteProtocolError
+from ..errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"KVXF"
-VERSION = 2  # 2: a WRITE's notify is a typed note (encode_note)
+VERSION = 3  # 2: a WRITE's notify is a typed note (encode_note); 3: head ranges in READ/WRITE
 HEADER = struct.Struct("!4sBBHIQ")
 HEADER_SIZE = HEADER.size  # 20
 
@@ -60,7 +66,7 @@ E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING, E_BACKLOG = range(
 # E_BACKLOG: a write's notify was refused: the receiver's unread notifications are full.
 
 _REQ = struct.Struct("!QI")
-_XFER = struct.Struct("!QIHI")
+_XFER = struct.Struct("!QIHHHI")
 _ERR = struct.Struct("!QIHH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
@@ -87,6 +93,7 @@ class ReadRequest:
     chunk: int
     layers: tuple[int, ...]
     runs: tuple[tuple[int, int], ...]  # (first block, count) on the server's side
+    heads: tuple[int, int] | None = None  # [h0, h1) of the server's heads; None: whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +105,7 @@ class Write:
     payload_len: int
     last: bool = False
     notify: bytes = b""
+    heads: tuple[int, int] | None = None  # [h0, h1) of the receiver's heads; None: whole
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +154,10 @@ def _s(text: str, limit: int = 0xFFFF) -> bytes:
 def _xfer_body(f: ReadRequest | Write) -> bytes:
     n_layers, n_runs = len(f.layers), len(f.runs)
     flat = [x for run in f.runs for x in run]
-    return (_XFER.pack(f.request_id, f.chunk, n_layers, n_runs)
+    h0, h1 = f.heads if f.heads is not None else (0, 0)
+    if f.heads is not None and not 0 <= h0 < h1 <= 0xFFFF:
+        raise LocalProtocolError(f"head range {f.heads!r} cannot go on the wire")
+    return (_XFER.pack(f.request_id, f.chunk, h0, h1, n_layers, n_runs)
             + struct.pack(f"!{n_layers}H", *f.layers) + struct.pack(f"!{2 * n_runs}I", *flat))
 
 
@@ -216,15 +227,18 @@ class _Reader:
             raise RemoteProtocolError(f"{len(self.buf) - self.pos} stray bytes after frame body")
 
 
-def _xfer_fields(r: _Reader) -> tuple[int, int, tuple[int, ...], tuple[tuple[int, int], ...]]:
-    request_id, chunk, n_layers, n_runs = r.unpack(_XFER)
+def _xfer_fields(r: _Reader) -> tuple[int, int, tuple[int, ...], tuple[tuple[int, int], ...],
+                                      tuple[int, int] | None]:
+    request_id, chunk, h0, h1, n_layers, n_runs = r.unpack(_XFER)
+    if (h0, h1) != (0, 0) and h0 >= h1:
+        raise RemoteProtocolError(f"empty head range [{h0}, {h1})")
     layers = struct.unpack(f"!{n_layers}H", r.take(2 * n_layers))
     flat = struct.unpack(f"!{2 * n_runs}I", r.take(8 * n_runs))
     runs = tuple(zip(flat[0::2], flat[1::2]))
     for start, count in runs:
         if count == 0:
             raise RemoteProtocolError(f"empty run at block {start}")
-    return request_id, chunk, layers, runs
+    return request_id, chunk, layers, runs, None if (h0, h1) == (0, 0) else (h0, h1)
 
 
 def decode_body(h: Header, body: memoryview) -> Frame:
@@ -240,10 +254,10 @@ def decode_body(h: Header, body: memoryview) -> Frame:
     elif h.type == T_READ:
         frame = ReadRequest(*_xfer_fields(r))
     elif h.type == T_WRITE:
-        request_id, chunk, layers, runs = _xfer_fields(r)
+        request_id, chunk, layers, runs, heads = _xfer_fields(r)
         (n,) = r.unpack(_U32)
         frame = Write(request_id, chunk, layers, runs, payload_len=h.payload_len,
-                      last=bool(h.flags & FLAG_LAST), notify=bytes(r.take(n)))
+                      last=bool(h.flags & FLAG_LAST), notify=bytes(r.take(n)), heads=heads)
     elif h.type == T_DATA:
         frame = Data(*r.unpack(_REQ), payload_len=h.payload_len)
     elif h.type == T_COMPLETION:

@@ -3,6 +3,9 @@
 The test process starts :func:`peer_main` with ``multiprocessing`` (spawn) and talks to
 it over a Pipe. The peer hosts one Agent per layout spec; each layout is filled with
 bytes that depend only on (spec, seed), so the test can recompute what the peer holds.
+A spec may be one tensor-parallel shard (``tp_rank`` of ``tp_size``, ``heads`` KV heads
+in the model): its tensors are then that shard's heads of the single-process reference
+(:func:`reference_tensors`), so every rank of one seed holds slices of one model's KV.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import multiprocessing as mp
 import os
 import signal
 import time
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,10 +33,20 @@ class Spec:
     dtype: str
     num_blocks: int = 32
     layers: int = LAYERS
+    heads: int = HEADS  # KV heads of the model (all TP ranks together)
+    tp_rank: int = 0
+    tp_size: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.ctor}-{self.dtype}-{self.num_blocks}-{self.layers}"
+        key = f"{self.ctor}-{self.dtype}-{self.num_blocks}-{self.layers}"
+        if (self.heads, self.tp_size) != (HEADS, 1):
+            key += f"-h{self.heads}-tp{self.tp_rank}of{self.tp_size}"
+        return key
+
+    def whole(self) -> "Spec":
+        """The same model unsharded (TP 1): the single-process reference's spec."""
+        return dataclasses.replace(self, tp_rank=0, tp_size=1)
 
 
 def _random(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
@@ -44,26 +58,43 @@ def _random(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) ->
         .view(shape)
 
 
-def build_layout(spec: Spec, seed: int) -> kvxfer.KVLayout:
+# Where the KV-head axis is in each ctor's tensors, and in its regions' block views.
+HEAD_AXIS = {"nhd": 3, "hnd": 2, "flashinfer": 3, "split": 1}
+
+
+def reference_tensors(spec: Spec, seed: int) -> list[torch.Tensor]:
+    """The KV tensors of ``spec``'s model unsharded (every KV head), filled by ``seed``:
+    per layer (``split``: every K, then every V)."""
     gen = torch.Generator().manual_seed(seed)
-    dt, nb, L = DTYPES[spec.dtype], spec.num_blocks, spec.layers
-    if spec.ctor == "nhd":
-        return kvxfer.KVLayout.vllm([_random((2, nb, BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen)
-                                     for _ in range(L)], kv_layout="NHD")
-    if spec.ctor == "hnd":
-        return kvxfer.KVLayout.vllm([_random((2, nb, HEADS, BLOCK_SIZE, HEAD_DIM), dt, gen)
-                                     for _ in range(L)], kv_layout="HND")
-    if spec.ctor == "flashinfer":
-        return kvxfer.KVLayout.vllm([_random((nb, 2, BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen)
-                                     for _ in range(L)], kv_layout="NHD", kv_dim=1)
-    if spec.ctor == "split":
-        ks = [_random((nb * BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen) for _ in range(L)]
-        vs = [_random((nb * BLOCK_SIZE, HEADS, HEAD_DIM), dt, gen) for _ in range(L)]
-        return kvxfer.KVLayout.split_kv(ks, vs, BLOCK_SIZE)
+    dt, nb, L, H = DTYPES[spec.dtype], spec.num_blocks, spec.layers, spec.heads
+    shapes = {"nhd": (2, nb, BLOCK_SIZE, H, HEAD_DIM), "hnd": (2, nb, H, BLOCK_SIZE, HEAD_DIM),
+              "flashinfer": (nb, 2, BLOCK_SIZE, H, HEAD_DIM),
+              "split": (nb * BLOCK_SIZE, H, HEAD_DIM), "mla": (nb, BLOCK_SIZE, 3 * HEAD_DIM)}
+    if spec.ctor not in shapes:
+        raise ValueError(spec.ctor)
+    count = 2 * L if spec.ctor == "split" else L
+    return [_random(shapes[spec.ctor], dt, gen) for _ in range(count)]
+
+
+def shard_layout(spec: Spec, full: list[torch.Tensor]) -> kvxfer.KVLayout:
+    """The layout of ``spec``'s shard of the unsharded tensors ``full`` (copied, unless
+    the shard is all of them)."""
     if spec.ctor == "mla":
-        return kvxfer.KVLayout.mla([_random((nb, BLOCK_SIZE, 3 * HEAD_DIM), dt, gen)
-                                    for _ in range(L)])
-    raise ValueError(spec.ctor)
+        return kvxfer.KVLayout.mla(full)
+    from kvxfer.heads import shard_heads
+
+    shard = shard_heads(spec.tp_rank, spec.tp_size, spec.heads)
+    ts = [t.narrow(HEAD_AXIS[spec.ctor], shard.first, shard.count).contiguous() for t in full]
+    tp = {"tp_rank": spec.tp_rank, "tp_size": spec.tp_size, "total_kv_heads": spec.heads}
+    if spec.ctor == "split":
+        return kvxfer.KVLayout.split_kv(ts[:spec.layers], ts[spec.layers:], BLOCK_SIZE, **tp)
+    order = "HND" if spec.ctor == "hnd" else "NHD"
+    return kvxfer.KVLayout.vllm(ts, kv_layout=order, kv_dim=int(spec.ctor == "flashinfer"),
+                                **tp)
+
+
+def build_layout(spec: Spec, seed: int) -> kvxfer.KVLayout:
+    return shard_layout(spec, reference_tensors(spec, seed))
 
 
 def block_bytes(layout: kvxfer.KVLayout, ids: list[int]) -> list[bytes]:
