@@ -20,6 +20,7 @@ from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolErr
 from .handle import DEMAND, TransferHandle
 from .layout import KVLayout
 from .memory import RegisteredMemory
+from .metrics import metrics_for
 from .metadata import Peer, decode_metadata, encode_metadata
 from .pipeline import JoinedRead, PrefetchFills, TransferGate
 from .plan import (MAX_CHUNK_BYTES, Message, chunk_size, merge_runs, plan_chunks,
@@ -66,6 +67,9 @@ class Agent:
             (:attr:`queued_transfers` is the queue's depth).
         max_incoming: incoming streams (:meth:`incoming`) the engine has not asked
             about that are held; past it, a writer's stream fails with E_BACKLOG.
+        metrics: Prometheus metrics of this agent's transfers (:mod:`kvxfer.metrics`):
+            True for prometheus_client's default registry, a ``CollectorRegistry``, or
+            None (default: off, no cost on the data path).
 
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
@@ -76,7 +80,8 @@ class Agent:
                  chunk_bytes: int = 4 << 20, max_inflight: int = 4,
                  transfer_timeout: float = 30.0, connect_timeout: float = 10.0,
                  staged: bool = False, max_unread_notify_bytes: int = 64 << 20,
-                 max_inflight_transfers: int = 64, max_incoming: int = 4096) -> None:
+                 max_inflight_transfers: int = 64, max_incoming: int = 4096,
+                 metrics: Any = None) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("an agent needs a non-empty name")
         if max_unread_notify_bytes < MAX_NOTIFY:
@@ -88,6 +93,7 @@ class Agent:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
         self.transfer_timeout = float(transfer_timeout)
+        self._metrics = metrics_for(metrics)  # None when off; resolved before the backend opens
         self.config = BackendConfig(chunk_bytes=chunk_bytes, max_inflight=max_inflight,
                                     connect_timeout=connect_timeout, staged=staged)
         self.backend = get_backend(backend)(name, listen, self.config)
@@ -408,6 +414,8 @@ class Agent:
             self._pending.add(handle)
         handle.quiesce = self.backend.quiesce
         handle.add_done_callback(self._forget)
+        if self._metrics is not None:
+            self._metrics.track(handle, self.backend_name)
         if op == "read" and priority != DEMAND:
             self._fills.add(peer.name, runs, handle)
         self._gate.admit(handle, lambda h: self.backend.submit(peer._conn, h))
