@@ -26,6 +26,7 @@ from .pipeline import JoinedRead, PrefetchFills, TransferGate
 from .plan import (MAX_CHUNK_BYTES, Message, chunk_size, merge_runs, plan_chunks,
                    plan_layer_chunks)
 from .protocol.frames import NOTE_FINISHED, NOTE_USER, Note, decode_note, encode_note
+from .transport import report as report_transport
 from .streams import IncomingTable, IncomingTransfer, StreamHandle, WriteStream, stream_messages
 
 __all__ = ["Agent", "Peer", "decode_metadata"]
@@ -224,6 +225,7 @@ class Agent:
                 self.backend.disconnect(existing._conn, PeerUnreachable(
                     f"peer {info.name!r} was added again (restarted at {info.address}); "
                     "this connection to its predecessor is closed"))
+        report_transport(self, peer)  # peer.transport, an INFO line, a warning if on TCP
         return peer
 
     @property

@@ -34,6 +34,7 @@ class BackendInfo:
     cuda: bool  # it can move CUDA memory here (a CUDA device is visible)
     library: str  # the distributions behind it, with versions
     notes: str  # why not, or what holds
+    transport: str = ""  # what would carry the bytes on this host (kvxfer.transport)
 
 
 def _extra_requirements(extra: Optional[str]) -> list[str]:
@@ -82,7 +83,8 @@ def backend_info(name: str, extra: Optional[str], cuda: bool) -> BackendInfo:
     describe = getattr(cls, "describe", None)  # a backend may say more of its state here
     notes = describe(cuda) if callable(describe) else \
         "host and CUDA memory" if cuda else "host memory only: no CUDA device here"
-    return BackendInfo(name, True, cuda, library, notes)
+    from .transport import expected
+    return BackendInfo(name, True, cuda, library, notes, expected(name))
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -102,7 +104,9 @@ def _cmd_info(args: argparse.Namespace) -> int:
     width = max([len("backend")] + [len(i.name) for i in infos])
     print(f"{'backend':<{width}}  usable  {'library':<24}  notes")
     for i in infos:
-        print(f"{i.name:<{width}}  {'yes' if i.usable else 'no':<6}  {i.library:<24}  {i.notes}")
+        carries = f"; transport here: {i.transport}" if i.transport else ""
+        print(f"{i.name:<{width}}  {'yes' if i.usable else 'no':<6}  {i.library:<24}  "
+              f"{i.notes}{carries}")
     return 0
 
 

@@ -37,6 +37,8 @@ class Peer:
         self.descriptor: LayoutDescriptor = info.descriptor
         self._conn = conn
         self._metadata = metadata  # what it was added with: the same bytes reuse it
+        # What carries its bytes (set by add_peer, see kvxfer.transport), e.g. "TCP a -> b".
+        self.transport = ""
 
     @property
     def alive(self) -> bool:
