@@ -8,7 +8,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvxfer-installed
 
-.PHONY: setup run run-transfer test bench bench-micro clean
+.PHONY: setup run run-transfer test bench bench-micro bench-micro-baseline clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,17 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_transfer.py
+
+# Microbenchmarks (pytest-benchmark), outside `make test`: compared with the saved
+# baseline (benchmarks/micro/.baseline); a median 25% slower than it fails.
+MICRO := $(PY) -m pytest benchmarks/micro -q -p no:cacheprovider \
+	--benchmark-storage=file://benchmarks/micro/.baseline --benchmark-columns=median,iqr,ops
+
+bench-micro: $(STAMP)
+	$(MICRO) --benchmark-compare --benchmark-compare-fail=median:25%
+
+bench-micro-baseline: $(STAMP)
+	$(MICRO) --benchmark-save=baseline
 
 clean:
 	rm -rf $(VENV) build *.egg-info
