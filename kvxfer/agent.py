@@ -21,10 +21,12 @@ from .handle import DEMAND, TransferHandle
 from .heads import exchange_heads
 from .layout import KVLayout
 from .memory import RegisteredMemory
+from .metrics import metrics_for
 from .metadata import Peer, decode_metadata, encode_metadata
 from .pipeline import JoinedRead, PrefetchFills, TransferGate
 from .plan import MAX_CHUNK_BYTES, merge_runs
 from .streams import Inbox, IncomingTransfer, WriteStream, make_handle
+from .transport import report as report_transport
 
 __all__ = ["Agent", "Peer", "decode_metadata"]
 
@@ -69,6 +71,9 @@ class Agent:
             together (pinned memory for a CUDA cache; tcp, ucx, nccl). Past it, a chunk
             that must be packed waits for a buffer to come back; a receive in progress
             may pass it by its one chunk. None: no limit. At least ``chunk_bytes``.
+        metrics: Prometheus metrics of this agent's transfers (:mod:`kvxfer.metrics`):
+            True for prometheus_client's default registry, a ``CollectorRegistry``, or
+            None (default: off, no cost on the data path).
 
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
@@ -80,7 +85,8 @@ class Agent:
                  transfer_timeout: float = 30.0, connect_timeout: float = 10.0,
                  staged: bool = False, max_unread_notify_bytes: int = 64 << 20,
                  max_inflight_transfers: int = 64, max_incoming: int = 4096,
-                 transfer_buffer_bytes: int | None = 512 << 20) -> None:
+                 transfer_buffer_bytes: int | None = 512 << 20,
+                 metrics: Any = None) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("an agent needs a non-empty name")
         if max_unread_notify_bytes < MAX_NOTIFY:
@@ -95,6 +101,7 @@ class Agent:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
         self.transfer_timeout = float(transfer_timeout)
+        self._metrics = metrics_for(metrics)  # None when off; resolved before the backend opens
         self.config = BackendConfig(chunk_bytes=chunk_bytes, max_inflight=max_inflight,
                                     connect_timeout=connect_timeout, staged=staged,
                                     transfer_buffer_bytes=transfer_buffer_bytes)
@@ -229,6 +236,7 @@ class Agent:
                 self.backend.disconnect(existing._conn, PeerUnreachable(
                     f"peer {info.name!r} was added again (restarted at {info.address}); "
                     "this connection to its predecessor is closed"))
+        report_transport(self, peer)  # peer.transport, an INFO line, a warning if on TCP
         return peer
 
     @property
@@ -409,6 +417,8 @@ class Agent:
             self._pending.add(handle)
         handle.quiesce = self.backend.quiesce
         handle.add_done_callback(self._forget)
+        if self._metrics is not None:
+            self._metrics.track(handle, self.backend_name)
         if op == "read" and priority != DEMAND:
             self._fills.add(peer.name, runs, handle)
         self._gate.admit(handle, lambda h: self.backend.submit(peer._conn, h))

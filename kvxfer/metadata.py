@@ -40,6 +40,8 @@ class Peer:
         self.heads = heads  # which of its KV heads and ours reads and writes move
         self._conn = conn
         self._metadata = metadata  # what it was added with: the same bytes reuse it
+        # What carries its bytes (set by add_peer, see kvxfer.transport), e.g. "TCP a -> b".
+        self.transport = ""
 
     @property
     def shared_heads(self) -> range:

@@ -21,3 +21,15 @@ def test_example_runs_and_checks_every_byte(script, args):
                          text=True, timeout=180)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "every byte checked: OK" in out.stdout
+
+
+def test_disaggregated_serving_demo_matches_a_single_process_run():
+    """`make run`'s job: three processes, KV pushed layer by layer, prefixes reused."""
+    out = subprocess.run([sys.executable, str(EXAMPLES / "disagg_serving.py"), "--requests", "3",
+                          "--new-tokens", "4"], capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "every generated token matches a single-process run: OK" in out.stdout
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("req-")]
+    assert len(rows) == 3
+    # the later requests share the first one's system prompt: prefill skipped those blocks
+    assert int(rows[0][4]) == 0 and all(int(r[4]) >= 4 for r in rows[1:]), out.stdout

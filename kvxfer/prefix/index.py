@@ -80,10 +80,16 @@ class PrefixIndex:
 
     Args:
         config: sizing; defaults to an unbounded index.
+        metrics: count lookups and the hit ratio in Prometheus (see :mod:`kvxfer.metrics`):
+            True, a ``CollectorRegistry``, or None (off).
     """
 
-    def __init__(self, config: IndexConfig | None = None) -> None:
+    def __init__(self, config: IndexConfig | None = None, metrics: object = None) -> None:
         self.config = config or IndexConfig()
+        self._metrics = None
+        if metrics is not None and metrics is not False:
+            from kvxfer.metrics import metrics_for  # prometheus-client only when asked for
+            self._metrics = metrics_for(metrics)
         self._lock = threading.Lock()
         # All below are guarded by _lock.
         self._table = SlotTable(self.config.initial_capacity, self.config.max_load)
@@ -230,7 +236,10 @@ class PrefixIndex:
         with self._lock:
             run, slots = self._run(keys)
             self._touch(slots)
-            return {self._owner[w]: c for w, c in leading_counts(run).items()}
+            found = {self._owner[w]: c for w, c in leading_counts(run).items()}
+        if self._metrics is not None:
+            self._metrics.lookup(int(keys.shape[0]), max(found.values(), default=0))
+        return found
 
     def overlap(self, block_hashes: BlockHashes) -> dict[Hashable, Overlap]:
         """Like :meth:`match`, with each worker's matched blocks split by best tier."""
@@ -238,6 +247,8 @@ class PrefixIndex:
         with self._lock:
             run, slots = self._run(keys)
             counts = leading_counts(run)
+            if self._metrics is not None:
+                self._metrics.lookup(int(keys.shape[0]), max(counts.values(), default=0))
             if not counts:
                 return {}
             self._touch(slots)
