@@ -47,7 +47,7 @@ $(VLLM_STAMP): pyproject.toml setup.py
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	KVXFER_VLLM_033=$(VLLM_033) $(VLLM_PY) -m pytest -q -ra tests/integration/vllm
+	KVXFER_VLLM_033=$(VLLM_033) $(VLLM_PY) -m pytest -q -ra tests/integration/vllm_engines
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_transfer.py

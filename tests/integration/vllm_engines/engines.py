@@ -10,7 +10,7 @@ import threading
 from typing import Any, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))  # the repository
 START_TIMEOUT = 1200  # engines start in ~20 s alone, minutes on a loaded 2-core machine
 
 

@@ -8,6 +8,7 @@ depends on the transfer. Run by ``make test-vllm``.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import sys
@@ -15,6 +16,9 @@ import threading
 import time
 
 import pytest
+
+if importlib.util.find_spec("vllm") is None:  # make test: nothing here imports vLLM
+    pytest.skip("vLLM is not installed; `make test-vllm` runs these", allow_module_level=True)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from engines import ROOT, Engine, prefill_params  # noqa: E402
