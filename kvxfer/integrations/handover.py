@@ -112,7 +112,8 @@ class Handover:
         self._meta = agent.metadata()
         self._lock = threading.Lock()
         self._leases: dict[str, float] = {}  # prefill: request -> deadline
-        self._early_done: set[str] = set()  # prefill: "done" before the lease arrived
+        self._early: OrderedDict[str, str] = OrderedDict()  # prefill: "done"/"abort"
+        # that came before the lease (bounded like _gone)
         self._gone: OrderedDict[str, str] = OrderedDict()  # prefill: released -> why
         self._released: set[str] = set()  # prefill: for the engine to free
         self._pulls: dict[str, Pull] = {}  # decode: running pulls by key
@@ -136,9 +137,8 @@ class Handover:
     def hold(self, req: str) -> None:
         """Prefill: keep ``req``'s blocks until decode has read them or the lease ends."""
         with self._lock:
-            if req in self._early_done:
-                self._early_done.discard(req)
-                self._release(req, "read")
+            if req in self._early:
+                self._release(req, self._early.pop(req))
             elif req not in self._gone:
                 self._leases[req] = time.monotonic() + self.lease_s
 
@@ -294,7 +294,9 @@ class Handover:
                     ok, why = False, f"blocks already released ({self._gone[req]})"
                 else:
                     ok, why = True, ""
-                    self._early_done.add(req)
+                    self._early[req] = "read" if kind == "done" else "abort"
+                    while len(self._early) > KEEP_RELEASED:
+                        self._early.popitem(last=False)
             if kind == "done":
                 try:
                     peer = self.agent.add_peer(bytes.fromhex(msg["meta"]))
