@@ -110,3 +110,15 @@ def test_scramble_rotates_the_landed_blocks(pair):
     assert results(d) == ({"d1"}, {})
     assert torch.equal(d_kv[0][:, 10], p_kv[0][:, 4])
     assert torch.equal(d_kv[0][:, 11], p_kv[0][:, 3])
+
+
+def test_heartbeats_renew_the_lease(pair):
+    p, d, _, _ = pair
+    p.hold("r1")
+    meta = p.agent.metadata()
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.0:  # twice the 1 s lease, renewed every 0.3 s
+        d.heartbeat(meta, ["r1"])
+        time.sleep(0.3)
+        assert p.take_released() == set()
+    assert released(p, timeout=3.0) == {"r1"}  # heartbeats stopped: the lease ends
