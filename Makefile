@@ -12,7 +12,7 @@ STAMP := $(VENV)/.kvxfer-installed
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.kvxfer-vllm-installed
-VLLM_033 := $(VLLM_VENV)/vllm-0.33.0
+VLLM_033 := $(abspath $(VLLM_VENV))/vllm-0.33.0
 
 .PHONY: setup run test test-vllm bench clean
 

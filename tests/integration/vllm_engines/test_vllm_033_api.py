@@ -41,6 +41,7 @@ def test_connector_matches_vllm_033_base_contract():
     target = os.environ.get("KVXFER_VLLM_033")
     if not target:
         pytest.skip("KVXFER_VLLM_033 not set (make test-vllm installs vllm==0.33.0 there)")
+    target = os.path.abspath(target)  # the check runs from / so that a stray vllm/ is not it
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([target, ROOT]))
     out = subprocess.run([sys.executable, "-c", f"TARGET={target!r}\n" + CHECK], env=env,
                          capture_output=True, text=True, timeout=600, cwd="/")
