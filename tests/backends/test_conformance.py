@@ -232,7 +232,7 @@ def test_peer_killed_mid_transfer_fails_within_deadline(backend, peer_process):
         peer = agent.add_peer(p.meta[BIG.key])
         h = agent.read(peer, list(range(2048)), list(range(2048)))
         h.wait_layer(0, timeout=10)
-        os.kill(p.proc.pid, signal.SIGSTOP)
+        p.pause()
         assert not h.done(), "transfer finished before the peer was stopped; make it larger"
         os.kill(p.proc.pid, signal.SIGKILL)
         t0 = time.monotonic()
@@ -254,13 +254,10 @@ def test_stalled_peer_times_out_and_late_bytes_never_land(backend, peer_process)
     with agent:
         peer = agent.add_peer(p.meta[BIG.key])
         before = snapshot(layout)
-        os.kill(p.proc.pid, signal.SIGSTOP)
-        try:
+        with p.paused():  # every thread stopped: no byte of the read can come in time
             h = agent.read(peer, list(range(0, 2048, 2)), list(range(1024)))
             with pytest.raises(kvxfer.TransferTimeout):
                 h.wait()
-        finally:
-            os.kill(p.proc.pid, signal.SIGCONT)
         time.sleep(0.5)  # the peer now answers the old request; its bytes must be dropped
         assert snapshot(layout) == before
         agent.read(peer, [4], [4], timeout=10).wait()  # and the connection still works

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import socket
 import time
 
@@ -105,7 +103,7 @@ def test_write_to_a_stalled_peer_fails_in_time_and_the_connection_survives(peer_
     agent, layout = local_agent(huge, chunk_bytes=64 << 20, max_inflight=1, transfer_timeout=1)
     with agent:
         peer = agent.add_peer(p.meta[huge.key])
-        os.kill(p.proc.pid, signal.SIGSTOP)
+        p.pause()
         try:
             h = agent.write(peer, list(range(32768)), list(range(32768)), notify=b"never")
             t0 = time.monotonic()
@@ -116,7 +114,7 @@ def test_write_to_a_stalled_peer_fails_in_time_and_the_connection_survives(peer_
             time.sleep(0.3)
             assert peer.alive  # a cancelled frame is no reason to drop the connection
         finally:
-            os.kill(p.proc.pid, signal.SIGCONT)
+            p.resume()
         agent.write(peer, [3], [5], notify=b"after").wait(30)
         assert p.call("notes", huge.key) == [("local", b"after")]  # never "never"
         assert p.call("blocks", huge.key, [5]) == block_bytes(layout, [3])
@@ -133,7 +131,7 @@ def test_a_stalled_peer_is_given_up_while_a_frame_is_being_finished(peer_process
     agent, _ = local_agent(huge, chunk_bytes=64 << 20, max_inflight=1, transfer_timeout=1)
     with agent:
         peer = agent.add_peer(p.meta[huge.key])
-        os.kill(p.proc.pid, signal.SIGSTOP)
+        p.pause()
         try:
             h = agent.write(peer, list(range(32768)), list(range(32768)))
             with pytest.raises(kvxfer.TransferTimeout):
@@ -143,7 +141,7 @@ def test_a_stalled_peer_is_given_up_while_a_frame_is_being_finished(peer_process
                 time.sleep(0.05)
             assert not peer.alive  # no byte moved for 0.5 s: stalled, not slow
         finally:
-            os.kill(p.proc.pid, signal.SIGCONT)
+            p.resume()
         again = agent.add_peer(p.meta[huge.key])
         agent.write(again, [3], [5], notify=b"after").wait(10)
         assert p.call("notes", huge.key) == [("local", b"after")]
@@ -154,14 +152,14 @@ def test_wait_timeout_shorter_than_deadline_does_not_fail_the_transfer(peer_proc
     agent, _ = local_agent(SPECS[0])
     with agent:
         peer = agent.add_peer(p.meta[SPECS[0].key])
-        os.kill(p.proc.pid, signal.SIGSTOP)
+        p.pause()
         try:
             h = agent.read(peer, [1], [1])
             with pytest.raises(kvxfer.TransferTimeout):
                 h.wait(timeout=0.2)
             assert not h.done()
         finally:
-            os.kill(p.proc.pid, signal.SIGCONT)
+            p.resume()
         h.wait(10)
 
 
@@ -169,7 +167,7 @@ def test_close_during_transfer_fails_it_promptly(peer_process):
     p = peer_process([BIG])
     agent, _ = local_agent(BIG)
     peer = agent.add_peer(p.meta[BIG.key])
-    os.kill(p.proc.pid, signal.SIGSTOP)
+    p.pause()
     try:
         h = agent.read(peer, list(range(2048)), list(range(2048)))
         t0 = time.monotonic()
@@ -182,7 +180,7 @@ def test_close_during_transfer_fails_it_promptly(peer_process):
         with pytest.raises(kvxfer.AgentClosed):
             agent.read(peer, [0], [0])
     finally:
-        os.kill(p.proc.pid, signal.SIGCONT)
+        p.resume()
 
 
 def test_small_request_is_not_stuck_behind_a_large_one(peer_process):
