@@ -5,7 +5,7 @@ zmq, lz4) is imported when that feature is first used.
 """
 
 from .agent import Agent, Peer
-from .errors import (AgentClosed, BackendUnavailable, BlockOutOfRange, KvxferError,
+from .errors import (AgentClosed, AuthenticationFailed, BackendUnavailable, BlockOutOfRange, KvxferError,
                      LayoutMismatch, LocalProtocolError, PeerUnreachable, ProtocolError,
                      RemoteError, RemoteProtocolError, TransferFailed, TransferTimeout)
 from .handle import TransferHandle
@@ -14,7 +14,7 @@ from .layout import KVLayout, LayoutDescriptor, Region
 __version__ = "0.1.0"
 
 __all__ = [
-    "Agent", "AgentClosed", "BackendUnavailable", "BlockOutOfRange", "KVLayout", "KvxferError",
+    "Agent", "AgentClosed", "AuthenticationFailed", "BackendUnavailable", "BlockOutOfRange", "KVLayout", "KvxferError",
     "LayoutDescriptor", "LayoutMismatch", "LocalProtocolError", "PeerUnreachable",
     "Peer", "ProtocolError", "Region", "RemoteError", "RemoteProtocolError", "TransferFailed",
     "TransferHandle", "TransferTimeout", "__version__",

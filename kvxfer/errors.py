@@ -75,6 +75,11 @@ class PeerUnreachable(KvxferError, ConnectionError):
     """The peer cannot be reached, or its connection died."""
 
 
+class AuthenticationFailed(KvxferError, PermissionError):
+    """A peer did not prove it knows the shared secret, or its metadata's tag is wrong
+    (:mod:`kvxfer.auth`); nothing of it was used."""
+
+
 class AgentClosed(KvxferError):
     """The agent (or the object used) was closed."""
 
@@ -96,7 +101,7 @@ class BackendUnavailable(KvxferError, ImportError):
 
 
 __all__ = [
-    "AgentClosed", "BackendUnavailable", "BlockOutOfRange", "KvxferError", "LayoutMismatch",
+    "AgentClosed", "AuthenticationFailed", "BackendUnavailable", "BlockOutOfRange", "KvxferError", "LayoutMismatch",
     "LocalProtocolError", "PeerUnreachable", "ProtocolError", "RemoteError",
     "RemoteProtocolError", "TransferFailed", "TransferTimeout",
 ]

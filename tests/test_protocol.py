@@ -7,12 +7,14 @@ import struct
 import pytest
 
 from kvxfer.errors import LocalProtocolError, RemoteProtocolError
-from kvxfer.protocol import (CLOSED, NEED_DATA, Close, Completion, Connection, Data, Error,
+from kvxfer.protocol import (CLOSED, NEED_DATA, Auth, Close, Completion, Connection, Data, Error,
                              Hello, PayloadData, ReadRequest, Write)
 from kvxfer.protocol import frames as F
 
 FRAMES = [
     (Hello("prefill-0", b'{"x":1}'), b""),
+    (Auth(b"\x07" * 32), b""),
+    (Auth(b""), b""),
     (ReadRequest(7, 3, (0, 5, 31), ((10, 4), (2, 1))), b""),
     (ReadRequest(7, 4, (2,), ((0, 1),), heads=(4, 8)), b""),
     (Write(8, 0, (1,), ((3, 2),), payload_len=6, last=True, notify=b"done"), b"abcdef"),
@@ -205,17 +207,34 @@ def test_malformed_notes_are_remote_protocol_errors(raw, match):
         F.decode_note(raw)
 
 
+def test_hello_carries_nonce_and_proof():
+    hello = Hello("decode-1", b"{}", nonce=b"n" * 32, proof=b"p" * 32)
+    conn = Connection()
+    conn.receive_data(Connection(expect_hello=False).encode(hello))
+    assert conn.next_event() == hello
+
+
+def test_a_nonce_too_long_is_refused_both_ways():
+    with pytest.raises(LocalProtocolError, match="at most"):
+        Connection().encode(Hello("a", b"", nonce=b"n" * (F.MAX_NONCE + 1)))
+    body = F._U16.pack(1) + b"a" + F._U32.pack(0) + bytes([F.MAX_NONCE + 1])
+    conn = Connection()
+    conn.receive_data(F.HEADER.pack(F.MAGIC, F.VERSION, F.T_HELLO, 0, len(body), 0) + body)
+    with pytest.raises(RemoteProtocolError, match="exceeds"):
+        conn.next_event()
+
+
 def test_a_key_too_long_is_refused_before_it_is_sent():
     with pytest.raises(ValueError, match="at most"):
         F.encode_note(F.Note(F.NOTE_LAYERS, b"k" * (F.MAX_KEY + 1), (0,)))
 
 
-@pytest.mark.parametrize("old", [1, 2])  # 2: READ/WRITE without head ranges
+@pytest.mark.parametrize("old", [1, 2, 3])  # 2: no head ranges; 3: HELLO without nonce
 def test_a_peer_speaking_an_older_version_is_refused_naming_both_versions(old):
-    assert F.VERSION == 3
+    assert F.VERSION == 4
     conn = Connection()
     conn.receive_data(_header(version=old))
-    with pytest.raises(RemoteProtocolError, match=f"version {old} .*we speak 3"):
+    with pytest.raises(RemoteProtocolError, match=f"version {old} .*we speak 4"):
         conn.next_event()
 
 

@@ -28,7 +28,7 @@ deadlines. A backend:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar
 
 from ..handle import TransferHandle
@@ -49,9 +49,16 @@ class BackendConfig:
     # Bytes all staging buffers of the backend hold together (None: no limit). Sends wait
     # for room; receives in progress may pass it by one chunk each.
     transfer_buffer_bytes: int | None = None
+    # Shared secret every peer must prove it knows (kvxfer.auth); None: no authentication.
+    secret: bytes | None = field(default=None, repr=False)
+    hello_timeout: float = 5.0  # seconds a connecting peer has to finish its handshake
+    max_connections: int = 1024  # peers served at once; more are refused (E_CLOSING)
+    max_handshakes: int = 256  # connections handshaking at once; past it the oldest goes
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1 or self.max_inflight < 1 or self.connect_timeout <= 0 \
+                or self.hello_timeout <= 0 or self.max_connections < 1 \
+                or self.max_handshakes < 1 \
                 or (self.transfer_buffer_bytes is not None
                     and self.transfer_buffer_bytes < self.chunk_bytes):
             raise ValueError(f"invalid backend config: {self}")

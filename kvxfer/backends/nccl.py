@@ -42,16 +42,15 @@ import datetime
 import json
 import secrets
 import socket
-import threading
 from typing import Any, Optional
 
 import torch
 
 from ..errors import BackendUnavailable, PeerUnreachable
 from ..memory import RegisteredMemory
+from ..protocol import Connection
 from .base import BackendConfig, NotifySink, PeerInfo, parse_host_port
 from .nccl_channel import KEY_BYTES, DataPlane, NcclChannel
-from .sockio import SocketChannel
 from .tcp import TcpBackend
 from .twosided import Channel
 
@@ -88,6 +87,7 @@ class NcclBackend(TcpBackend):
     memory), with a TCP control connection per peer; see the module docstring."""
 
     name = "nccl"
+    prefix_len = KEY_BYTES  # the connecting side's rendezvous key comes first
 
     def __init__(self, agent_name: str, listen: str, config: BackendConfig) -> None:
         # A process group moves one tensor per message: every chunk is packed first.
@@ -141,21 +141,14 @@ class NcclBackend(TcpBackend):
                                      "torch has no ProcessGroupNCCL")
         super().start(memory, notify)
 
-    def _listen(self) -> None:
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name=f"kvxfer-nccl-accept[{self.agent_name}]")
-        self._accept_thread.start()
-
     def backend_metadata(self) -> bytes:
         return json.dumps({"store_port": self._store_port,
                            "plane": self.plane_kind, "gpu": self._gpu}).encode()
 
-    def serve_channel(self, channel: Channel) -> None:
-        """A peer connected: serve it over an NcclChannel on its socket."""
-        if isinstance(channel, SocketChannel):
-            channel = NcclChannel(channel.sock, None,
-                                  lambda key, sock: self._form(key, sock, rank=0))
-        super().serve_channel(channel)
+    def _server_channel(self, sock: socket.socket, conn: Connection, prefix: bytes) -> Channel:
+        """A peer finished its handshake: serve it over an NcclChannel on its socket
+        (``prefix``: its rendezvous key, read by the gate before the HELLO)."""
+        return NcclChannel(sock, prefix, lambda key, s: self._form(key, s, rank=0), conn)
 
     # ------------------------------------------------------------- connecting
     def _open_channel(self, peer: PeerInfo) -> Channel:

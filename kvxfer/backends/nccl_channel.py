@@ -160,17 +160,19 @@ class NcclChannel(Channel):
 
     Args:
         sock: the connected control socket.
-        key: the rendezvous key (the connecting side makes it and sends it first);
-            None on the serving side, which reads it before the peer's HELLO.
+        key: the rendezvous key (the connecting side makes it and sends it first; the
+            serving side's handshake loop reads it before the peer's HELLO).
         form: makes this connection's DataPlane with the peer, given the key and the
             socket; called by :meth:`established`.
+        conn: the parser, holding what came after the handshake (serving side).
     """
 
-    def __init__(self, sock: socket.socket, key: Optional[bytes], form: FormPlane) -> None:
+    def __init__(self, sock: socket.socket, key: bytes, form: FormPlane,
+                 conn: Optional[Connection] = None) -> None:
         self.sock = sock
         self.key = key
         self._form = form
-        self.conn = Connection()
+        self.conn = conn if conn is not None else Connection()
         self.plane: Optional[DataPlane] = None
         self._lock = threading.Lock()  # plane and closed (close vs. established)
         self._closed = False
@@ -178,7 +180,6 @@ class NcclChannel(Channel):
     # ---------------------------------------------------------------- set-up
     def established(self) -> None:
         """The HELLO exchange succeeded: form the process groups with the peer."""
-        assert self.key is not None, "the key comes before the HELLO"
         plane = self._form(self.key, self.sock)
         with self._lock:
             if not self._closed:
@@ -199,12 +200,6 @@ class NcclChannel(Channel):
                 raise PeerUnreachable("peer closed the connection inside a frame")
             got += k
         return out
-
-    def _read_key(self) -> None:
-        key = self._recv_exact(KEY_BYTES)
-        if key is None:
-            raise PeerUnreachable("peer closed the connection before its key")
-        self.key = bytes(key)
 
     def _plane(self) -> DataPlane:
         if self.plane is None:
@@ -232,8 +227,6 @@ class NcclChannel(Channel):
             plane.send(as_tensor(payload[0]))
 
     def next_event(self) -> Event:
-        if self.key is None:
-            self._read_key()
         ev = self.conn.next_event()
         if ev is not NEED_DATA:
             return ev

@@ -2,8 +2,10 @@
 
 Theory of operation
 -------------------
-One thread per accepted channel. After the HELLO (layouts checked) it takes frames in
-order and answers every request, each on its own::
+One thread per accepted channel. After the handshake (layouts and, with a secret,
+proofs checked: :mod:`kvxfer.protocol.handshake`; socket transports finish it before the
+thread starts, :mod:`kvxfer.backends.gate`) it takes frames in order and answers every
+request, each on its own::
 
     READ(req, chunk, heads, layers, runs) -> check -> DATA + the blocks' bytes | ERROR
                                      (a head range: only those heads' pieces, packed)
@@ -25,13 +27,15 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from ..errors import BlockOutOfRange, KvxferError, LayoutMismatch, RemoteProtocolError
+from ..errors import BlockOutOfRange, KvxferError, RemoteProtocolError
 from ..memory import RegisteredMemory
-from ..protocol import (CLOSED, E_BACKLOG, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE,
-                        Close, Completion, Connection, Data, Error, Hello, ReadRequest, Write)
+from ..protocol import (CLOSED, E_BACKLOG, E_INTERNAL, E_PROTOCOL, E_RANGE, E_SIZE, Close,
+                        Completion, Connection, Data, Error, ReadRequest, Write)
+from ..protocol.handshake import ServerHandshake
 from .channel import Channel
 from .staging import Staging
 
@@ -46,13 +50,16 @@ MAX_REFUSED = 4096  # writes remembered as refused until their last frame comes
 class ServerSide:
     """Serves one peer's requests on one accepted channel (its own thread)."""
 
-    def __init__(self, backend: "TwoSidedBackend", channel: Channel) -> None:
+    def __init__(self, backend: "TwoSidedBackend", channel: Channel,
+                 shake: Optional[ServerHandshake] = None) -> None:
         self.backend = backend
         self.channel = channel
+        self.shake = shake  # finished by a HandshakeGate, or None: run it on our thread
+        self.established = shake is not None and shake.done  # read under backend._lock
         self.memory: RegisteredMemory = backend._memory  # type: ignore[assignment]
         self.encoder = Connection(expect_hello=False)
         self.staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
-        self.peer = "?"
+        self.peer = shake.peer if shake is not None else "?"
         # Writes with a refused chunk: their notify is not delivered. Bounded (oldest
         # forgotten), since a writer that gave up never sends the last frame.
         self.refused: OrderedDict[int, None] = OrderedDict()
@@ -62,20 +69,32 @@ class ServerSide:
     def send(self, frame: object, payload: tuple = ()) -> None:
         self.channel.send(self.encoder.send(frame, payload))  # type: ignore[arg-type]
 
+    def handshake(self) -> bool:
+        """Run the handshake on this thread, within the hello timeout; True: serve."""
+        shake = self.shake = self.backend.server_handshake()
+        deadline = time.monotonic() + self.backend.config.hello_timeout
+        while not shake.finished:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.debug("a connection did not finish its handshake in time: closed")
+                return False
+            self.channel.set_timeout(left)
+            replies = shake.on_event(self.channel.next_event())
+            self.peer = shake.peer
+            for frame in replies:
+                self.send(frame)
+        if shake.refused is not None:
+            log.warning("refused a connection from %r: %s", self.peer, shake.refused)
+            return False
+        with self.backend._lock:
+            self.established = True
+        return True
+
     def run(self) -> None:
         try:
-            self.channel.set_timeout(self.backend.config.connect_timeout)
-            hello = self.channel.next_event()
-            if not isinstance(hello, Hello):
-                raise RemoteProtocolError(f"expected HELLO, got {hello!r}")
-            self.peer = hello.name
-            try:
-                self.memory.check_peer(hello.descriptor)
-            except LayoutMismatch as exc:
-                log.warning("refusing peer %r: %s", self.peer, exc)
-                self.send(Error(0, 0, E_LAYOUT, str(exc)))
+            if not self.established and not self.handshake():
                 return
-            self.send(Hello(self.backend.agent_name, self.memory.descriptor_bytes))
+            self.channel.set_timeout(self.backend.config.connect_timeout)
             self.channel.established()
             self.channel.set_timeout(None)
             self.serve()

@@ -196,9 +196,10 @@ def shutdown_socket(sock: socket.socket) -> None:
 class SocketChannel(Channel):
     """A connected stream socket as a frame channel (TCP backend)."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, conn: Optional[Connection] = None) -> None:
+        """``conn``: the parser, holding what came after the handshake (serving side)."""
         self.sock = sock
-        self.reader = FrameReader(sock, Connection())
+        self.reader = FrameReader(sock, conn if conn is not None else Connection())
 
     def send(self, buffers: Sequence[object], guard: Optional[Guard] = None) -> None:
         send_buffers(self.sock, buffers, guard)

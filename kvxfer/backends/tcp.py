@@ -8,18 +8,20 @@ listens, accepts and connects, and wraps each connected socket in a
 :class:`~kvxfer.backends.sockio.SocketChannel`, whose scatter-gather I/O moves host
 blocks straight between the socket and the engine's tensors::
 
-    listen socket --accept--> SocketChannel --serve_channel--> _ServerSide thread
-    connect() ------------->  SocketChannel --hello----------> _ClientSide threads
+    listen socket --HandshakeGate (accept, handshake; one thread for all)-->
+                     SocketChannel --serve_channel--> ServerSide thread
+    connect() -----> SocketChannel --handshake------> ClientSide threads
 """
 
 from __future__ import annotations
 
 import socket
 import threading
-from typing import Optional
-
 from ..errors import PeerUnreachable
+from ..protocol import Connection
+from ..protocol.handshake import ServerHandshake
 from .base import BackendConfig, PeerInfo, parse_host_port
+from .gate import HandshakeGate
 from .sockio import SocketChannel, shutdown_socket
 from .twosided import Channel, TwoSidedBackend
 
@@ -38,6 +40,7 @@ def tune_socket(sock: socket.socket) -> None:
 
 class TcpBackend(TwoSidedBackend):
     name = "tcp"
+    prefix_len = 0  # bytes a connecting side sends before its HELLO
 
     def __init__(self, agent_name: str, listen: str, config: BackendConfig) -> None:
         super().__init__(agent_name, listen, config)
@@ -46,7 +49,10 @@ class TcpBackend(TwoSidedBackend):
             self._lsock = socket.create_server((host, port), backlog=128)
         except OSError as exc:
             raise PeerUnreachable(f"cannot listen on {listen!r}: {exc}") from exc
-        self._accept_thread: Optional[threading.Thread] = None
+        self._gate = HandshakeGate(self._lsock, self.server_handshake, self._ready,
+                                   hello_timeout=config.hello_timeout,
+                                   max_handshakes=config.max_handshakes,
+                                   prefix_len=self.prefix_len, name=agent_name)
 
     def address(self) -> str:
         host, port = self._lsock.getsockname()[:2]
@@ -55,18 +61,16 @@ class TcpBackend(TwoSidedBackend):
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def _listen(self) -> None:
-        self._accept_thread = threading.Thread(target=self._accept_loop, daemon=True,
-                                               name=f"kvxfer-tcp-accept[{self.agent_name}]")
-        self._accept_thread.start()
+        self._gate.start()
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                sock, _ = self._lsock.accept()
-            except OSError:
-                return  # listening socket shut down by close()
-            tune_socket(sock)
-            self.serve_channel(SocketChannel(sock))
+    def _ready(self, sock: socket.socket, conn: Connection, shake: ServerHandshake,
+               prefix: bytes) -> None:
+        """A peer finished its handshake (on the gate's thread): serve it."""
+        tune_socket(sock)
+        self.serve_channel(self._server_channel(sock, conn, prefix), shake)
+
+    def _server_channel(self, sock: socket.socket, conn: Connection, prefix: bytes) -> Channel:
+        return SocketChannel(sock, conn)
 
     def _open_channel(self, peer: PeerInfo) -> Channel:
         host, port = parse_host_port(peer.address)
@@ -79,6 +83,9 @@ class TcpBackend(TwoSidedBackend):
         return SocketChannel(sock)
 
     def _stop_listening(self) -> list[threading.Thread]:
+        thread = self._gate.stop()
+        if thread.ident is not None:
+            thread.join(timeout=10)
         shutdown_socket(self._lsock)
         self._lsock.close()
-        return [self._accept_thread] if self._accept_thread is not None else []
+        return []

@@ -10,7 +10,8 @@ every two-sided backend and split by role:
     staging.py  Staging: the contiguous buffer packed chunks pass through
     server.py   ServerSide: one thread per accepted channel, answers the peer's requests
     client.py   ClientSide: our connection to a peer, a sender and a reader thread
-    this file   TwoSidedBackend: connects (HELLO, layouts checked), tracks and frees
+    this file   TwoSidedBackend: connects (handshake: layouts and, with a secret, proofs
+                checked; kvxfer.protocol.handshake), tracks and frees
                 connections, closes
 
 ::
@@ -39,10 +40,11 @@ from typing import Optional
 
 import torch
 
-from ..errors import AgentClosed, LayoutMismatch, PeerUnreachable, ProtocolError, RemoteError
+from ..errors import AgentClosed, PeerUnreachable, ProtocolError
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
-from ..protocol import E_LAYOUT, Connection, Error, Hello
+from ..protocol import Connection
+from ..protocol.handshake import ClientHandshake, ServerHandshake
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 from .channel import Abandoned, Channel, Guard
 from .client import ClientSide
@@ -94,11 +96,29 @@ class TwoSidedBackend(Backend):
         self._memory, self._notify = memory, notify
         self._listen()
 
-    def serve_channel(self, channel: Channel) -> None:
-        """Serve a peer that connected to us, on its own thread."""
-        server = ServerSide(self, channel)
+    def server_handshake(self) -> ServerHandshake:
+        """The serving side's handshake for one new connection."""
+        assert self._memory is not None, "start() first"
+        return ServerHandshake(self.agent_name, self._memory.descriptor_bytes,
+                               self.config.secret, self._memory.check_peer, self._admit)
+
+    def _admit(self) -> Optional[str]:
         with self._lock:
-            if self._closed:
+            served = sum(1 for s in self._servers if s.established)
+        if served >= self.config.max_connections:
+            return (f"agent {self.agent_name!r} already serves {served} connections "
+                    "(its max_connections)")
+        return None
+
+    def serve_channel(self, channel: Channel, shake: Optional[ServerHandshake] = None) -> None:
+        """Serve a peer that connected to us, on its own thread: ``shake`` is its finished
+        handshake (socket transports run handshakes in a HandshakeGate), or None to run
+        the handshake on that thread, whose number the cap on connections bounds."""
+        server = ServerSide(self, channel, shake)
+        with self._lock:
+            full = shake is None and len(self._servers) >= \
+                self.config.max_connections + self.config.max_handshakes
+            if self._closed or full:
                 channel.shutdown()
                 channel.close()
                 return
@@ -110,18 +130,13 @@ class TwoSidedBackend(Backend):
         channel = self._open_channel(peer)
         try:
             encoder = Connection(expect_hello=False)
+            shake = ClientHandshake(self.agent_name, self._memory.descriptor_bytes,
+                                    self.config.secret, self._memory.check_peer, peer.name)
             channel.set_timeout(self.config.connect_timeout)
-            channel.send(encoder.send(Hello(self.agent_name, self._memory.descriptor_bytes)))
-            reply = channel.next_event()
-            if isinstance(reply, Error):
-                if reply.code == E_LAYOUT:
-                    raise LayoutMismatch(f"peer {peer.name!r} refused our layout: "
-                                         f"{reply.message}")
-                raise RemoteError(f"peer {peer.name!r} refused the connection: {reply.message}",
-                                  reply.code)
-            if not isinstance(reply, Hello):
-                raise PeerUnreachable(f"peer {peer.name!r} closed the connection during hello")
-            self._memory.check_peer(reply.descriptor)
+            channel.send(encoder.send(shake.hello()))
+            while not shake.done:
+                for frame in shake.on_event(channel.next_event()):
+                    channel.send(encoder.send(frame))
             channel.established()
             channel.set_timeout(None)
         except (OSError, ProtocolError) as exc:

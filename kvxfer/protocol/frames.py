@@ -13,7 +13,10 @@ Every frame is a fixed 20-byte header, a typed body, and an optional payload::
 
 Bodies (``runs`` are (first block id, block count) pairs on the receiver's side)::
 
-    HELLO       u16 name_len, name, u32 desc_len, descriptor (JSON of LayoutDescriptor)
+    HELLO       u16 name_len, name, u32 desc_len, descriptor (JSON of LayoutDescriptor),
+                u8 nonce_len, nonce, u8 proof_len, proof       (version 4; kvxfer.auth)
+    AUTH        u8 proof_len, proof      (the connecting side's proof; empty from the
+                                          serving side: the proof was accepted)
     READ        u64 request, u32 chunk, u16 h0, u16 h1, u16 n_layers, u32 n_runs,
                 n_layers*u16, n_runs*(u32,u32)
     WRITE       as READ, then u32 notify_len, notify     (payload: the chunk's bytes)
@@ -27,6 +30,12 @@ Bodies (``runs`` are (first block id, block count) pairs on the receiver's side)
 the chunk moves, for peers of other tensor-parallel sizes; ``0, 0``: whole blocks. A
 head-sliced chunk carries, per block, only the pieces holding those heads
 (:func:`kvxfer.heads.block_segments`), in the packing module's order.
+
+With a shared secret (version 4), the connecting side's HELLO carries a fresh nonce,
+the serving side answers with its own nonce and an HMAC proof over both names, both
+descriptors and both nonces, the connecting side checks it and sends its own proof in
+AUTH, and the serving side accepts with an empty AUTH (or refuses with E_AUTH). Without a
+secret both nonce and proof are empty and the HELLO exchange is all.
 
 A WRITE's notify is a note for the receiving agent, delivered once the chunks before it
 on the connection have landed (version 2; version 1 carried the user's bytes bare)::
@@ -54,16 +63,18 @@ from typing import Union
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"KVXF"
-VERSION = 3  # 2: a WRITE's notify is a typed note (encode_note); 3: head ranges in READ/WRITE
+VERSION = 4  # 2: a WRITE's notify is a typed note (encode_note); 3: head ranges in READ/WRITE;
+#             4: HELLO carries a nonce and a proof, AUTH (shared-secret authentication)
 HEADER = struct.Struct("!4sBBHIQ")
 HEADER_SIZE = HEADER.size  # 20
 
-T_HELLO, T_READ, T_WRITE, T_DATA, T_COMPLETION, T_ERROR, T_CLOSE = range(1, 8)
+T_HELLO, T_READ, T_WRITE, T_DATA, T_COMPLETION, T_ERROR, T_CLOSE, T_AUTH = range(1, 9)
 FLAG_LAST = 0x1  # WRITE: the request's last chunk; its notify is delivered after it lands
 
 # Error codes carried by ERROR frames.
-E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING, E_BACKLOG = range(1, 8)
+E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING, E_BACKLOG, E_AUTH = range(1, 9)
 # E_BACKLOG: a write's notify was refused: the receiver's unread notifications are full.
+# E_AUTH: the connection was refused: no proof of the shared secret, or a wrong one.
 
 _REQ = struct.Struct("!QI")
 _XFER = struct.Struct("!QIHHHI")
@@ -71,6 +82,7 @@ _ERR = struct.Struct("!QIHH")
 _U16 = struct.Struct("!H")
 _U32 = struct.Struct("!I")
 MAX_NAME = 1024
+MAX_NONCE = 64  # bytes of a HELLO's nonce, and of a proof
 MAX_KEY = 1024  # bytes of a stream's request key
 NOTE_USER, NOTE_LAYERS, NOTE_FINISHED = range(3)
 _U8 = struct.Struct("!B")
@@ -85,6 +97,13 @@ class Hello:
     name: str  # the sending agent's name
     descriptor: bytes  # its LayoutDescriptor, encoded
     version: int = VERSION
+    nonce: bytes = b""  # fresh random bytes when the sender authenticates (kvxfer.auth)
+    proof: bytes = b""  # the serving side's proof over both HELLOs (kvxfer.auth)
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    proof: bytes  # the connecting side's proof; empty from the serving side: accepted
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,7 +153,7 @@ class Close:
     reason: str = ""
 
 
-Frame = Union[Hello, ReadRequest, Write, Data, Completion, Error, Close]
+Frame = Union[Hello, Auth, ReadRequest, Write, Data, Completion, Error, Close]
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +168,13 @@ class Header:
 def _s(text: str, limit: int = 0xFFFF) -> bytes:
     raw = text.encode("utf-8", "replace")[:limit]
     return _U16.pack(len(raw)) + raw
+
+
+def _short(raw: bytes) -> bytes:
+    if len(raw) > MAX_NONCE:
+        raise LocalProtocolError(f"a nonce or proof has at most {MAX_NONCE} bytes, "
+                                 f"got {len(raw)}")
+    return _U8.pack(len(raw)) + raw
 
 
 def _xfer_body(f: ReadRequest | Write) -> bytes:
@@ -166,7 +192,9 @@ def encode_body(frame: Frame) -> tuple[int, int, bytes, int]:
     if isinstance(frame, Hello):
         name = frame.name.encode()
         return T_HELLO, 0, (_U16.pack(len(name)) + name + _U32.pack(len(frame.descriptor))
-                            + frame.descriptor), 0
+                            + frame.descriptor + _short(frame.nonce) + _short(frame.proof)), 0
+    if isinstance(frame, Auth):
+        return T_AUTH, 0, _short(frame.proof), 0
     if isinstance(frame, ReadRequest):
         return T_READ, 0, _xfer_body(frame), 0
     if isinstance(frame, Write):
@@ -190,7 +218,7 @@ def parse_header(raw: bytes | memoryview) -> Header:
         raise RemoteProtocolError(f"bad magic {bytes(magic)!r}: not a kvxfer stream")
     if version != VERSION:
         raise RemoteProtocolError(f"unsupported protocol version {version} (we speak {VERSION})")
-    if not T_HELLO <= ftype <= T_CLOSE:
+    if not T_HELLO <= ftype <= T_AUTH:
         raise RemoteProtocolError(f"unknown frame type {ftype}")
     if payload_len and ftype not in (T_WRITE, T_DATA):
         raise RemoteProtocolError(f"frame type {ftype} cannot carry a payload")
@@ -222,6 +250,12 @@ class _Reader:
         except UnicodeDecodeError as exc:
             raise RemoteProtocolError(f"text field is not utf-8: {exc}") from exc
 
+    def short(self) -> bytes:
+        (n,) = self.unpack(_U8)
+        if n > MAX_NONCE:
+            raise RemoteProtocolError(f"a nonce or proof of {n} bytes exceeds {MAX_NONCE}")
+        return bytes(self.take(n))
+
     def end(self) -> None:
         if self.pos != len(self.buf):
             raise RemoteProtocolError(f"{len(self.buf) - self.pos} stray bytes after frame body")
@@ -250,7 +284,11 @@ def decode_body(h: Header, body: memoryview) -> Frame:
             raise RemoteProtocolError(f"agent name of {n} bytes exceeds {MAX_NAME}")
         name = r.text(n)
         (d,) = r.unpack(_U32)
-        frame: Frame = Hello(name=name, descriptor=bytes(r.take(d)), version=h.version)
+        descriptor = bytes(r.take(d))
+        frame: Frame = Hello(name=name, descriptor=descriptor, version=h.version,
+                             nonce=r.short(), proof=r.short())
+    elif h.type == T_AUTH:
+        frame = Auth(r.short())
     elif h.type == T_READ:
         frame = ReadRequest(*_xfer_fields(r))
     elif h.type == T_WRITE:
