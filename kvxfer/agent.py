@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any, Iterable, Sequence
 
+from .auth import resolve_secret, warn_if_open
 from .backends import BackendConfig, get_backend
 from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolError
 from .handle import DEMAND, TransferHandle
@@ -74,6 +75,13 @@ class Agent:
         metrics: Prometheus metrics of this agent's transfers (:mod:`kvxfer.metrics`):
             True for prometheus_client's default registry, a ``CollectorRegistry``, or
             None (default: off, no cost on the data path).
+        secret: a secret shared by the deployment (at least 16 bytes; default:
+            ``$KVXFER_SECRET``, else None). With it every connection proves both sides
+            know it before any other frame (tcp, ucx, nccl), :meth:`metadata` carries a
+            tag and :meth:`add_peer` refuses metadata without the right one
+            (:mod:`kvxfer.auth`). Without it, listening beyond loopback logs a warning.
+        hello_timeout: seconds a connecting peer has to finish its handshake.
+        max_connections: peers served at once; more are refused (two-sided backends).
 
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
@@ -86,7 +94,8 @@ class Agent:
                  staged: bool = False, max_unread_notify_bytes: int = 64 << 20,
                  max_inflight_transfers: int = 64, max_incoming: int = 4096,
                  transfer_buffer_bytes: int | None = 512 << 20,
-                 metrics: Any = None) -> None:
+                 metrics: Any = None, secret: bytes | str | None = None,
+                 hello_timeout: float = 5.0, max_connections: int = 1024) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("an agent needs a non-empty name")
         if max_unread_notify_bytes < MAX_NOTIFY:
@@ -104,8 +113,11 @@ class Agent:
         self._metrics = metrics_for(metrics)  # None when off; resolved before the backend opens
         self.config = BackendConfig(chunk_bytes=chunk_bytes, max_inflight=max_inflight,
                                     connect_timeout=connect_timeout, staged=staged,
-                                    transfer_buffer_bytes=transfer_buffer_bytes)
+                                    transfer_buffer_bytes=transfer_buffer_bytes,
+                                    secret=resolve_secret(secret), hello_timeout=hello_timeout,
+                                    max_connections=max_connections)
         self.backend = get_backend(backend)(name, listen, self.config)
+        warn_if_open(name, listen, self.config.secret)
         self.backend_name = backend
         self._lock = threading.Lock()
         self._closed = False
@@ -189,7 +201,7 @@ class Agent:
         self._check_open()
         return encode_metadata(self.name, self.backend_name, self.backend.address(),
                                self.layout.descriptor.to_bytes(),
-                               self.backend.backend_metadata())
+                               self.backend.backend_metadata(), self.config.secret)
 
     def add_peer(self, metadata: bytes) -> Peer:
         """Connect to the agent whose :meth:`metadata` this is.
@@ -201,6 +213,8 @@ class Agent:
 
         Raises:
             RemoteProtocolError: malformed metadata.
+            AuthenticationFailed: this agent has a secret and the metadata is not tagged
+                with it, or the peer fails to prove it knows it.
             LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field;
                 ``heads`` when its tensor-parallel shard shares no KV head with ours).
             PeerUnreachable: another backend, or it cannot be reached.
@@ -209,7 +223,7 @@ class Agent:
         reads and writes move the KV heads both hold (``peer.shared_heads``).
         """
         self._check_open()
-        info = decode_metadata(metadata)
+        info = decode_metadata(metadata, self.config.secret)
         if info.name == self.name:
             raise ValueError(f"agent {self.name!r} cannot add itself as a peer")
         if info.backend != self.backend_name:

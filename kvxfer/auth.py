@@ -27,11 +27,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
+import logging
 import os
 import secrets
 import struct
 
 from .errors import AuthenticationFailed
+
+log = logging.getLogger("kvxfer.auth")
 
 ENV = "KVXFER_SECRET"
 NONCE_BYTES = 32
@@ -56,6 +60,20 @@ def resolve_secret(secret: bytes | str | None) -> bytes | None:
         raise ValueError(f"a secret needs at least {MIN_SECRET} bytes, got {len(raw)} "
                          f"(make one with secrets.token_hex(32))")
     return raw
+
+
+def warn_if_open(name: str, listen: str, secret: bytes | None) -> None:
+    """Log a warning if an agent without a secret listens beyond loopback: then anyone
+    who can reach the port can read and overwrite its KV cache."""
+    host = listen.rpartition(":")[0].strip("[]")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if secret is None and not loopback:
+        log.warning("agent %r listens on %s without a secret: any process that reaches it "
+                    "can read and overwrite its KV cache (pass secret= or set $%s)",
+                    name, listen, ENV)
 
 
 def new_nonce() -> bytes:

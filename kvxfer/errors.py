@@ -75,7 +75,7 @@ class PeerUnreachable(KvxferError, ConnectionError):
     """The peer cannot be reached, or its connection died."""
 
 
-class AuthenticationFailed(KvxferError, PermissionError):
+class AuthenticationFailed(KvxferError):
     """A peer did not prove it knows the shared secret, or its metadata's tag is wrong
     (:mod:`kvxfer.auth`); nothing of it was used."""
 

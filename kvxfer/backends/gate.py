@@ -10,7 +10,8 @@ Theory of operation
         readable: bytes -> [prefix] -> Connection -> HELLO/AUTH -> handshake -> replies
         done, replies sent  -> blocking socket handed to ``ready`` (a serve thread)
         refused, reply sent -> closed
-        past hello_timeout  -> closed          more than max_handshakes -> oldest closed
+        past hello_timeout  -> closed
+        more than max_handshakes -> the oldest that sent nothing (else the oldest) closed
 
 What a pending connection may hold is bounded: its parser refuses a body larger than
 MAX_HANDSHAKE_BODY, and at most ``max_handshakes`` are pending, so 10,000 idle or slow
@@ -53,6 +54,7 @@ class _Pending:
                                                                 max_payload=0))
     prefix: bytearray = field(default_factory=bytearray)
     out: bytearray = field(default_factory=bytearray)
+    got: int = 0  # bytes received so far
 
 
 class HandshakeGate:
@@ -64,7 +66,8 @@ class HandshakeGate:
         new_handshake: a fresh ServerHandshake per connection.
         ready: takes a connection that may be served (see :data:`Ready`).
         hello_timeout: seconds a connection has to finish its handshake.
-        max_handshakes: connections handshaking at once; past it the oldest is closed.
+        max_handshakes: connections handshaking at once; past it one is closed (the
+            oldest that sent nothing, else the oldest).
         prefix_len: bytes the connecting side sends before its HELLO.
         name: for the thread's name.
     """
@@ -111,7 +114,9 @@ class HandshakeGate:
                     if key.fileobj is self.lsock:
                         self._accept()
                     elif key.fileobj is not self._wake_r:
-                        self._step(self._pending[key.fileobj], events)  # type: ignore[index]
+                        p = self._pending.get(key.fileobj)  # type: ignore[call-overload]
+                        if p is not None:  # (not closed earlier in this round)
+                            self._step(p, events)
                 self._expire()
         except Exception:  # noqa: BLE001 - a bug of ours: say so; close() still joins us
             log.exception("the handshake loop failed; no new peers are accepted")
@@ -138,13 +143,20 @@ class HandshakeGate:
                 log.warning("cannot accept a connection: %s", exc)
                 return
             while len(self._pending) >= self.max_handshakes:
-                oldest = next(iter(self._pending.values()))
-                log.debug("too many connections handshaking: closing the oldest")
-                self._drop(oldest)
+                self._drop(self._victim())
             sock.setblocking(False)
             p = _Pending(sock, time.monotonic() + self.hello_timeout, self.new_handshake())
             self._pending[sock] = p
             self._sel.register(sock, selectors.EVENT_READ)
+
+    def _victim(self) -> _Pending:
+        """Who goes when too many handshake at once: the oldest that has sent nothing
+        (a peer that is really connecting sends its HELLO at once), else the oldest."""
+        log.debug("too many connections handshaking: closing one")
+        for p in self._pending.values():
+            if not p.got:
+                return p
+        return next(iter(self._pending.values()))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -190,6 +202,7 @@ class HandshakeGate:
 
     def _read(self, p: _Pending) -> None:
         data = p.sock.recv(READ_SIZE)
+        p.got += len(data)
         if not data:
             p.handshake.refused = "the peer closed the connection during the handshake"
             return

@@ -199,9 +199,8 @@ def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
                     conn.send(f"failed: {exc}")
             elif cmd == "read_from":  # the peer initiates: read blocks from the test's agent
                 meta, remote, local = args[1:]
-                peer = agent.add_peer(meta)
                 try:
-                    agent.read(peer, remote, local).wait(10)
+                    agent.read(agent.add_peer(meta), remote, local).wait(10)
                     conn.send("ok")
                 except kvxfer.KvxferError as exc:
                     conn.send(f"failed: {exc}")

@@ -10,11 +10,10 @@ import pytest
 import torch
 
 import kvxfer
-from kvxfer.agent import decode_metadata
-from kvxfer.backends.base import parse_host_port
 from kvxfer.protocol import (E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, Connection,
                              Error, Hello, ReadRequest, Write)
 
+from rawclient import events, raw_client
 from kvpeer import PeerProcess, Spec, block_bytes, build_layout, local_agent, random_ids
 
 # Byte-exactness in every layout and dtype, notifications, layer subsets, killed and stalled
@@ -207,25 +206,6 @@ def test_await_a_handle(peers):
 
 
 # ------------------------------------------------------------ a hostile client
-def _raw_client(meta: bytes) -> tuple[socket.socket, Connection]:
-    sock = socket.create_connection(parse_host_port(decode_metadata(meta).address), timeout=10)
-    return sock, Connection()
-
-
-def _events(sock: socket.socket, conn: Connection, n: int) -> list:
-    out = []
-    while len(out) < n:
-        ev = conn.next_event()
-        if ev.__class__.__name__ == "_Sentinel":
-            data = sock.recv(65536)
-            conn.receive_data(data)
-            if not data:
-                out.append("EOF")
-            continue
-        out.append(ev)
-    return out
-
-
 def test_malformed_frames_fail_only_that_connection(peers):
     spec = SPECS[0]
     before = peers.call("blocks", spec.key, list(range(32)))
@@ -236,25 +216,25 @@ def test_malformed_frames_fail_only_that_connection(peers):
         enc = Connection(expect_hello=False)
 
         # 1. garbage instead of a frame: an ERROR, then the connection is closed
-        sock, conn = _raw_client(peers.meta[spec.key])
+        sock, conn = raw_client(peers.meta[spec.key])
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n" + b"\0" * 32)
-        ev = _events(sock, conn, 1)[0]
+        ev = events(sock, conn, 1)[0]
         assert isinstance(ev, Error) and ev.code == E_PROTOCOL and "magic" in ev.message
         assert sock.recv(1) == b""
         sock.close()
 
         # 2. a mismatched layout in HELLO is refused
-        sock, conn = _raw_client(peers.meta[spec.key])
+        sock, conn = raw_client(peers.meta[spec.key])
         sock.sendall(enc.encode(Hello("rogue", build_layout(Spec("hnd", "bfloat16"), 1)
                                       .descriptor.to_bytes())))
-        ev = _events(sock, conn, 1)[0]
+        ev = events(sock, conn, 1)[0]
         assert isinstance(ev, Error) and ev.code == E_LAYOUT
         sock.close()
 
         # 3. out-of-range and wrongly sized writes are refused, the connection survives
-        sock, conn = _raw_client(peers.meta[spec.key])
+        sock, conn = raw_client(peers.meta[spec.key])
         sock.sendall(enc.encode(Hello("rogue", desc)))
-        assert isinstance(_events(sock, conn, 1)[0], Hello)
+        assert isinstance(events(sock, conn, 1)[0], Hello)
         block = build_layout(spec, 1).block_bytes * 2
         payload = b"\xff" * 2 * block
         for frame in (Write(1, 0, (0,), ((40, 1),), block, True, b"x"),
@@ -262,7 +242,7 @@ def test_malformed_frames_fail_only_that_connection(peers):
                       Write(3, 0, (0, 0), ((0, 1),), 2 * block, True, b"z")):
             sock.sendall(b"".join(bytes(b) for b in enc.send(frame, [payload[:frame.payload_len]])))
         sock.sendall(enc.encode(ReadRequest(4, 0, (0,), ((2**32 - 1, 1),))))
-        errors = _events(sock, conn, 4)
+        errors = events(sock, conn, 4)
         assert [(e.request_id, e.code) for e in errors] == [(1, E_RANGE), (2, E_SIZE),
                                                             (3, E_RANGE), (4, E_RANGE)]
 
@@ -276,10 +256,10 @@ def test_malformed_frames_fail_only_that_connection(peers):
 
 
 def _hostile_session(agent: kvxfer.Agent) -> tuple[socket.socket, Connection, Connection]:
-    sock, conn = _raw_client(agent.metadata())
+    sock, conn = raw_client(agent.metadata())
     enc = Connection(expect_hello=False)
     sock.sendall(enc.encode(Hello("rogue", agent.layout.descriptor.to_bytes())))
-    assert isinstance(_events(sock, conn, 1)[0], Hello)
+    assert isinstance(events(sock, conn, 1)[0], Hello)
     return sock, conn, enc
 
 
@@ -300,7 +280,7 @@ def test_requests_are_bounded_before_any_work(monkeypatch, staged):
         frame = Write(4, 0, (0,), ((5, 1), (5, 1)), 2 * block, True, b"twice")
         sock.sendall(b"".join(bytes(b) for b in enc.send(frame, [b"\xee" * 2 * block])))
         sock.sendall(enc.encode(ReadRequest(5, 0, (0,), ((3, 2),))))  # a fair request
-        answers = _events(sock, conn, 5)
+        answers = events(sock, conn, 5)
         assert [(e.request_id, e.code) for e in answers[:4]] == \
             [(1, E_RANGE), (2, E_RANGE), (3, E_RANGE), (4, E_RANGE)]
         assert "more than once" in answers[0].message and "limit" in answers[1].message
