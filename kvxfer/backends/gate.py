@@ -39,6 +39,7 @@ log = logging.getLogger("kvxfer.gate")
 MAX_HANDSHAKE_BODY = 1 << 20  # a HELLO's descriptor of a few hundred layers fits easily
 READ_SIZE = 64 << 10
 TICK = 0.25  # seconds between looks at deadlines when nothing happens
+LINGER = 1.0  # seconds a refused connection is given to read the refusal and close
 
 # (blocking socket, its parser with what came after the handshake, the finished
 # handshake, the prefix) -> serve it.
@@ -55,6 +56,7 @@ class _Pending:
     prefix: bytearray = field(default_factory=bytearray)
     out: bytearray = field(default_factory=bytearray)
     got: int = 0  # bytes received so far
+    lingering: bool = False  # refused, our side shut: waiting for the peer to close
 
 
 class HandshakeGate:
@@ -130,8 +132,8 @@ class HandshakeGate:
     def _timeout(self) -> float:
         if not self._pending:
             return TICK
-        oldest = next(iter(self._pending.values())).deadline  # deadlines grow with age
-        return max(0.0, min(TICK, oldest - time.monotonic()))
+        first = min(p.deadline for p in self._pending.values())
+        return max(0.0, min(TICK, first - time.monotonic()))
 
     def _accept(self) -> None:
         while True:
@@ -160,9 +162,7 @@ class HandshakeGate:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for p in list(self._pending.values()):
-            if p.deadline > now:
-                break
+        for p in [p for p in self._pending.values() if p.deadline <= now]:
             log.debug("a connection did not finish its handshake within %.1f s: closed",
                       self.hello_timeout)
             self._drop(p)
@@ -176,6 +176,15 @@ class HandshakeGate:
         p.sock.close()
 
     def _step(self, p: _Pending, events: int) -> None:
+        if p.lingering:  # refused: wait for the peer to close, discarding its bytes
+            try:
+                if not p.sock.recv(READ_SIZE):
+                    self._drop(p)
+            except BlockingIOError:
+                pass
+            except OSError:
+                self._drop(p)
+            return
         try:
             if events & selectors.EVENT_READ and not p.handshake.finished:
                 self._read(p)
@@ -192,8 +201,18 @@ class HandshakeGate:
         elif p.handshake.refused is not None:
             log.warning("refused a connection from %r: %s", p.handshake.peer,
                         p.handshake.refused)
-            self._drop(p)
-        elif p.handshake.done:
+            # Closing with the peer's bytes unread would reset the connection, and the
+            # refusal could be lost: end our side, and let the peer close (LINGER at most).
+            p.lingering = True
+            p.deadline = min(p.deadline, time.monotonic() + LINGER)
+            self._sel.modify(p.sock, selectors.EVENT_READ)
+            try:
+                p.sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                self._drop(p)
+        elif not p.handshake.done:
+            self._sel.modify(p.sock, selectors.EVENT_READ)  # the peer's turn
+        else:
             self._pending.pop(p.sock)
             self._sel.unregister(p.sock)
             p.sock.setblocking(True)

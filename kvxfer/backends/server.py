@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvxfer.twosided")
 
+LINGER = 1.0  # seconds a refused peer is given to read the refusal and close
 MAX_REFUSED = 4096  # writes remembered as refused until their last frame comes
 
 
@@ -85,10 +86,23 @@ class ServerSide:
                 self.send(frame)
         if shake.refused is not None:
             log.warning("refused a connection from %r: %s", self.peer, shake.refused)
+            self.linger()
             return False
         with self.backend._lock:
             self.established = True
         return True
+
+    def linger(self) -> None:
+        """After a refusal, let the peer read it and close first (at most LINGER s):
+        closing at once can drop the refusal in flight (UCX cancels it)."""
+        deadline = time.monotonic() + LINGER
+        try:
+            while (left := deadline - time.monotonic()) > 0:
+                self.channel.set_timeout(left)
+                if self.channel.next_event() is CLOSED:
+                    return
+        except Exception:  # noqa: BLE001 - the peer closed, or it took too long: either ends it
+            pass
 
     def run(self) -> None:
         try:
