@@ -37,3 +37,7 @@ def test_layer_wise_example_runs():
 def test_tensor_parallel_example_gives_each_rank_its_heads():
     assert run_first_example("## Different tensor-parallel sizes") == [
         "0 range(0, 4)", "1 range(4, 8)"]
+
+
+def test_trust_example_refuses_a_stranger():
+    assert run_first_example("## Trust: a shared secret") == ["True", "refused: True"]
