@@ -39,6 +39,7 @@ log = logging.getLogger("kvxfer.gate")
 MAX_HANDSHAKE_BODY = 1 << 20  # a HELLO's descriptor of a few hundred layers fits easily
 READ_SIZE = 64 << 10
 TICK = 0.25  # seconds between looks at deadlines when nothing happens
+ACCEPT_BATCH = 64  # connections accepted per turn of the loop
 LINGER = 1.0  # seconds a refused connection is given to read the refusal and close
 
 # (blocking socket, its parser with what came after the handshake, the finished
@@ -136,7 +137,7 @@ class HandshakeGate:
         return max(0.0, min(TICK, first - time.monotonic()))
 
     def _accept(self) -> None:
-        while True:
+        for _ in range(ACCEPT_BATCH):  # then back to select: read who has spoken
             try:
                 sock, _ = self.lsock.accept()
             except (BlockingIOError, InterruptedError):
@@ -153,12 +154,26 @@ class HandshakeGate:
 
     def _victim(self) -> _Pending:
         """Who goes when too many handshake at once: the oldest that has sent nothing
-        (a peer that is really connecting sends its HELLO at once), else the oldest."""
+        (a peer that is really connecting sends its HELLO at once; bytes that are
+        waiting unread count as sent), else the oldest whose HELLO has not come whole,
+        else the oldest."""
         log.debug("too many connections handshaking: closing one")
+        no_hello = None
         for p in self._pending.values():
-            if not p.got:
+            if not p.got and not self._has_bytes(p.sock):
                 return p
-        return next(iter(self._pending.values()))
+            if no_hello is None and not p.handshake.heard:
+                no_hello = p
+        return no_hello or next(iter(self._pending.values()))
+
+    @staticmethod
+    def _has_bytes(sock: socket.socket) -> bool:
+        try:
+            return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True  # (reset: its turn comes in the loop)
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -199,8 +214,8 @@ class HandshakeGate:
         if p.out:  # wait for room to send the rest
             self._sel.modify(p.sock, selectors.EVENT_WRITE)
         elif p.handshake.refused is not None:
-            log.warning("refused a connection from %r: %s", p.handshake.peer,
-                        p.handshake.refused)
+            (log.warning if p.handshake.code is not None else log.debug)(
+                "refused a connection from %r: %s", p.handshake.peer, p.handshake.refused)
             # Closing with the peer's bytes unread would reset the connection, and the
             # refusal could be lost: end our side, and let the peer close (LINGER at most).
             p.lingering = True

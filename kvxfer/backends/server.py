@@ -85,7 +85,8 @@ class ServerSide:
             for frame in replies:
                 self.send(frame)
         if shake.refused is not None:
-            log.warning("refused a connection from %r: %s", self.peer, shake.refused)
+            (log.warning if shake.code is not None else log.debug)(
+                "refused a connection from %r: %s", self.peer, shake.refused)
             self.linger()
             return False
         with self.backend._lock:

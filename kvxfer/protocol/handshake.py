@@ -57,15 +57,21 @@ class ServerHandshake:
         self.peer = "?"  # the peer's name, once its HELLO came
         self.done = False  # the peer may be served
         self.refused: Optional[str] = None  # why the connection ends (set once)
+        self.code: Optional[int] = None  # the ERROR code we refused with; None: peer left
         self._hello: Optional[Hello] = None
         self._script = b""
+
+    @property
+    def heard(self) -> bool:
+        """The peer's HELLO came."""
+        return self._hello is not None
 
     @property
     def finished(self) -> bool:
         return self.done or self.refused is not None
 
     def _refuse(self, code: int, why: str) -> list[Frame]:
-        self.refused = why
+        self.refused, self.code = why, code
         return [Error(0, 0, code, why)]
 
     def _accept(self, reply: Frame) -> list[Frame]:
