@@ -1,9 +1,12 @@
 """Agent metadata: the bytes one agent hands another to be reached, and the Peer they make.
 
-Layout: ``KVXM<version>`` then JSON ``{name, backend, address, descriptor,
-backend_metadata (base64)}``. The version goes up with the wire protocol
-(:data:`kvxfer.protocol.frames.VERSION`): metadata of another version is refused with
-an error that says both versions, before any connection is tried.
+Layout: ``KVXM<protocol>.<format>`` then JSON ``{name, backend, address, descriptor,
+backend_metadata (base64), incarnation}``. The protocol version goes up with the wire
+protocol (:data:`kvxfer.protocol.frames.VERSION`), the format with this JSON
+(:data:`METADATA_FORMAT`; 2 added ``incarnation``, a random id that changes on every
+start of an agent, so a restarted agent under the same name is never taken for its
+predecessor). Metadata of another protocol or format is refused with an error that says
+both versions, before any connection is tried.
 """
 
 from __future__ import annotations
@@ -17,16 +20,50 @@ from .heads import HeadExchange
 from .layout import LayoutDescriptor
 from .protocol.frames import VERSION
 
-METADATA_MAGIC = b"KVXM%d" % VERSION
-_ANY_VERSION = re.compile(rb"KVXM(\d+)")
+#: Version of the metadata JSON (1: before incarnation ids; 2: with them).
+METADATA_FORMAT = 2
+METADATA_MAGIC = b"KVXM%d.%d" % (VERSION, METADATA_FORMAT)
+_ANY_VERSION = re.compile(rb"KVXM(\d+)(?:\.(\d+))?")
 
 
 def encode_metadata(name: str, backend: str, address: str, descriptor: bytes,
-                    backend_metadata: bytes) -> bytes:
+                    backend_metadata: bytes, incarnation: str) -> bytes:
     body = {"name": name, "backend": backend, "address": address,
             "descriptor": json.loads(descriptor),
-            "backend_metadata": base64.b64encode(backend_metadata).decode()}
+            "backend_metadata": base64.b64encode(backend_metadata).decode(),
+            "incarnation": incarnation}
     return METADATA_MAGIC + json.dumps(body, separators=(",", ":")).encode()
+
+
+def metadata_incarnation(data: bytes) -> str:
+    """The incarnation id in agent metadata (changes on every start of that agent).
+
+    Raises:
+        RemoteProtocolError: not kvxfer agent metadata of this format.
+    """
+    return str(_body(bytes(data))["incarnation"])
+
+
+def _body(data: bytes) -> dict:
+    if not data.startswith(METADATA_MAGIC):
+        other = _ANY_VERSION.match(data)
+        if other and int(other.group(1)) != VERSION:
+            raise RemoteProtocolError(
+                f"the peer speaks kvxfer protocol version {int(other.group(1))}, this agent "
+                f"version {VERSION}: run the same kvxfer release on both sides")
+        if other:
+            raise RemoteProtocolError(
+                f"the peer's agent metadata is format {int(other.group(2) or 1)}, this "
+                f"agent reads format {METADATA_FORMAT} (with incarnation ids): run the same "
+                "kvxfer release on both sides")
+        raise RemoteProtocolError("not kvxfer agent metadata (bad magic)")
+    try:
+        raw = json.loads(data[len(METADATA_MAGIC):].decode())
+        if not isinstance(raw, dict) or not raw.get("incarnation"):
+            raise ValueError("no incarnation id")
+        return raw
+    except (ValueError, TypeError) as exc:
+        raise RemoteProtocolError(f"malformed agent metadata: {exc}") from exc
 
 
 class Peer:
@@ -40,6 +77,8 @@ class Peer:
         self.heads = heads  # which of its KV heads and ours reads and writes move
         self._conn = conn
         self._metadata = metadata  # what it was added with: the same bytes reuse it
+        # The id of the peer process's run this Peer reached (new on every restart).
+        self.incarnation = metadata_incarnation(metadata)
         # What carries its bytes (set by add_peer, see kvxfer.transport), e.g. "TCP a -> b".
         self.transport = ""
 
@@ -64,16 +103,8 @@ def decode_metadata(data: bytes) -> PeerInfo:
     Raises:
         RemoteProtocolError: the bytes are not kvxfer agent metadata.
     """
-    data = bytes(data)
-    if not data.startswith(METADATA_MAGIC):
-        other = _ANY_VERSION.match(data)
-        if other:
-            raise RemoteProtocolError(
-                f"the peer speaks kvxfer protocol version {int(other.group(1))}, this agent "
-                f"version {VERSION}: run the same kvxfer release on both sides")
-        raise RemoteProtocolError("not kvxfer agent metadata (bad magic)")
+    raw = _body(bytes(data))
     try:
-        raw = json.loads(data[len(METADATA_MAGIC):].decode())
         descriptor = LayoutDescriptor.from_bytes(json.dumps(raw["descriptor"]).encode())
         return PeerInfo(name=str(raw["name"]), backend=str(raw["backend"]),
                         address=str(raw["address"]), descriptor=descriptor,
