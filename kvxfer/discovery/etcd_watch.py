@@ -85,7 +85,8 @@ class Watch:
                     log.info("etcd watch is back")
                 self.error = None
                 self._stream(revision + 1)
-            except (DiscoveryUnavailable, *self.etcd._errors, OSError, ValueError) as exc:
+            except (DiscoveryUnavailable, *self.etcd._errors, OSError, ValueError,
+                    KeyError) as exc:  # KeyError, ValueError: a reply we cannot read
                 if self._stop.is_set():
                     break
                 if self.error is None:

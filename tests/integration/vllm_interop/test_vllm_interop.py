@@ -160,6 +160,17 @@ def test_live_vllm_publisher_with_drops_recovered_by_vllms_replay(wheel, tmp_pat
         proc.stdin.flush()
         return proc.stdout.readline().strip()
 
+    def settle(router: Router, timeout: float) -> None:
+        """Ping until the router has applied every batch published so far. A batch lost
+        at the tail of a burst is only noticed (and replayed) once a later one arrives,
+        as in any vLLM stream; an engine in service keeps publishing."""
+        deadline = time.monotonic() + timeout
+        while True:
+            n = int(ask("ping").split()[1])
+            if router.sub.wait_applied(n - 1, 1.0):
+                return
+            assert time.monotonic() < deadline, router.sub.stats()
+
     try:
         assert proc.stdout.readline().strip() == "READY"
         first = Router(endpoint, replay)
@@ -173,17 +184,15 @@ def test_live_vllm_publisher_with_drops_recovered_by_vllms_replay(wheel, tmp_pat
             assert ask("flood 300").startswith("DONE")       # a healthy stream first
             ask("clear")
             assert ask("flood 100").startswith("DONE")
-            n = int(ask("ping").split()[1])
-            assert first.sub.wait_applied(n - 1, 30), first.sub.stats()
+            settle(first, 60)
             truth = json.loads(ask("truth").split(" ", 1)[1])
             assert first.state(truth)["missing_or_wrong"] == 0
             # Stall the router; the engine floods on: ZMQ drops at its high-water mark.
             first.gate.clear()
             ask("ping")
-            n = int(ask("flood 4000").split()[1])
+            assert ask("flood 4000").startswith("DONE")
             first.gate.set()
-            n = int(ask("ping").split()[1])
-            assert first.sub.wait_applied(n - 1, 120), first.sub.stats()
+            settle(first, 120)
             stats = first.sub.stats()
             assert stats.gaps >= 1 and stats.replayed >= 100, stats
             assert stats.unrecovered_gaps == 0 and stats.malformed == 0, stats
@@ -197,11 +206,12 @@ def test_live_vllm_publisher_with_drops_recovered_by_vllms_replay(wheel, tmp_pat
             second = Router(endpoint, replay)
             with second.sub:
                 for _ in range(500):
-                    n = int(ask("ping").split()[1])
+                    ask("ping")
                     time.sleep(0.01)
                     if second.sub.stats().batches:
                         break
-                assert second.sub.wait_applied(n - 1, 120) and first.sub.wait_applied(n - 1, 30)
+                settle(second, 120)
+                settle(first, 60)
                 assert second.sub.stats().joined_history > 4000
                 assert second.state(truth) == first.state(truth)
                 for group in (0, 1):
