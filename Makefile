@@ -15,7 +15,15 @@ VLLM_PY := $(VLLM_VENV)/bin/python
 VLLM_STAMP := $(VLLM_VENV)/.kvxfer-vllm-installed
 VLLM_033 := $(abspath $(VLLM_VENV))/vllm-0.33.0
 
-.PHONY: setup run run-transfer test test-vllm bench bench-micro bench-micro-baseline clean
+# `make test-vllm-interop`: kvxfer against vLLM's own kv_events.py and block hashing,
+# imported from the PyPI wheels of VLLM_INTEROP_VERSIONS (downloaded once, --no-deps,
+# into VLLM_WHEELS; nothing of vLLM is installed). 0.30.0 hashes untagged extra keys,
+# 0.31 and later tagged ones. Also run by `make test-vllm`; not part of `make test`.
+VLLM_WHEELS ?= $(HOME)/.cache/kvxfer-vllm/wheels
+VLLM_INTEROP_VERSIONS ?= 0.30.0 0.33.0 0.34.0
+
+.PHONY: setup run run-transfer test test-vllm test-vllm-interop bench bench-micro \
+	bench-micro-baseline clean
 
 setup: $(STAMP)
 
@@ -50,8 +58,17 @@ $(VLLM_STAMP): pyproject.toml setup.py
 	$(VLLM_PY) -m pip install -q --no-deps --target $(VLLM_033) vllm==0.33.0
 	touch $(VLLM_STAMP)
 
-test-vllm: $(VLLM_STAMP)
+test-vllm: $(VLLM_STAMP) test-vllm-interop
 	KVXFER_VLLM_033=$(VLLM_033) $(VLLM_PY) -m pytest -q -ra tests/integration/vllm_engines
+
+test-vllm-interop: $(STAMP)
+	mkdir -p $(VLLM_WHEELS)
+	for v in $(VLLM_INTEROP_VERSIONS); do \
+		ls $(VLLM_WHEELS)/vllm-$$v-*.whl >/dev/null 2>&1 || \
+		$(PY) -m pip download -q --no-deps --only-binary=:all: -d $(VLLM_WHEELS) vllm==$$v \
+		|| exit 1; \
+	done
+	KVXFER_VLLM_WHEELS=$(VLLM_WHEELS) $(PY) -m pytest -q -ra tests/integration/vllm_interop
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_transfer.py

@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+import uuid
 from typing import Any, Iterable, Sequence
 
 from .auth import resolve_secret, warn_if_open
@@ -82,6 +83,10 @@ class Agent:
             (:mod:`kvxfer.auth`). Without it, listening beyond loopback logs a warning.
         hello_timeout: seconds a connecting peer has to finish its handshake.
         max_connections: peers served at once; more are refused (two-sided backends).
+        discovery: where agents find each other, e.g. :class:`kvxfer.discovery.Etcd`.
+            Once a KV cache is registered the agent publishes its metadata there (under
+            a lease kept alive, withdrawn by close()), and ``add_peer(name)`` looks
+            peers up by name. Transfers never depend on it being up.
 
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
@@ -95,7 +100,8 @@ class Agent:
                  max_inflight_transfers: int = 64, max_incoming: int = 4096,
                  transfer_buffer_bytes: int | None = 512 << 20,
                  metrics: Any = None, secret: bytes | str | None = None,
-                 hello_timeout: float = 5.0, max_connections: int = 1024) -> None:
+                 hello_timeout: float = 5.0, max_connections: int = 1024,
+                 discovery: Any = None) -> None:
         if not name or not isinstance(name, str):
             raise ValueError("an agent needs a non-empty name")
         if max_unread_notify_bytes < MAX_NOTIFY:
@@ -109,6 +115,10 @@ class Agent:
         if transfer_timeout <= 0:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
+        # Changes on every start: a restarted agent under this name is another peer.
+        self.incarnation = uuid.uuid4().hex
+        self.discovery = discovery
+        self._registration: Any = None  # discovery's lease on our entry, once published
         self.transfer_timeout = float(transfer_timeout)
         self._metrics = metrics_for(metrics)  # None when off; resolved before the backend opens
         self.config = BackendConfig(chunk_bytes=chunk_bytes, max_inflight=max_inflight,
@@ -152,6 +162,8 @@ class Agent:
             pending = list(self._pending)
         self._stop.set()
         try:
+            if self._registration is not None:
+                self._registration.close()  # withdraws our entry at once (best effort)
             self.backend.close()
         finally:
             for handle in pending:
@@ -189,6 +201,9 @@ class Agent:
             self._layout = layout
             self._memory = RegisteredMemory(layout, staged=self.backend.config.staged)
         self.backend.start(self._memory, self._inbox.deliver)
+        if self.discovery is not None:
+            # Published now if the service answers; else retried in the background.
+            self._registration = self.discovery.register(self.name, self.metadata)
 
     @property
     def layout(self) -> KVLayout:
@@ -201,20 +216,28 @@ class Agent:
         self._check_open()
         return encode_metadata(self.name, self.backend_name, self.backend.address(),
                                self.layout.descriptor.to_bytes(),
-                               self.backend.backend_metadata(), self.config.secret)
+                               self.backend.backend_metadata(), self.incarnation,
+                               self.config.secret)
 
-    def add_peer(self, metadata: bytes) -> Peer:
-        """Connect to the agent whose :meth:`metadata` this is.
+    def add_peer(self, metadata: bytes | str) -> Peer:
+        """Connect to the agent whose :meth:`metadata` this is, or to the agent
+        registered under this name in ``discovery``.
 
         Adding the same metadata again returns the same Peer while its connection is up.
         Other metadata under a known name (the peer restarted) replaces the old
         connection: its transfers fail with PeerUnreachable, it is closed and freed, and
         the old Peer object refuses new transfers. Safe to call from several threads.
 
+        A name is looked up each time: while that agent runs, the same Peer comes back;
+        once it restarted, its new incarnation replaces the old connection as above.
+
         Raises:
             RemoteProtocolError: malformed metadata.
             AuthenticationFailed: this agent has a secret and the metadata is not tagged
                 with it, or the peer fails to prove it knows it.
+            PeerNotFound: no live agent of that name is registered (discovery).
+            DiscoveryUnavailable: discovery cannot be reached to look the name up.
+            ValueError: a name, without ``discovery``.
             LayoutMismatch: its KV layout cannot exchange blocks with ours (names the field;
                 ``heads`` when its tensor-parallel shard shares no KV head with ours).
             PeerUnreachable: another backend, or it cannot be reached.
@@ -223,6 +246,11 @@ class Agent:
         reads and writes move the KV heads both hold (``peer.shared_heads``).
         """
         self._check_open()
+        if isinstance(metadata, str):
+            if self.discovery is None:
+                raise ValueError(f"add_peer({metadata!r}) by name needs Agent(discovery=...); "
+                                 "without it pass the peer's metadata() bytes")
+            metadata = self.discovery.lookup(metadata)
         info = decode_metadata(metadata, self.config.secret)
         if info.name == self.name:
             raise ValueError(f"agent {self.name!r} cannot add itself as a peer")

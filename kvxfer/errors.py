@@ -100,8 +100,25 @@ class BackendUnavailable(KvxferError, ImportError):
         self.reason = reason
 
 
+class DiscoveryError(KvxferError):
+    """Peer discovery (:mod:`kvxfer.discovery`) failed."""
+
+
+class DiscoveryUnavailable(DiscoveryError, ConnectionError):
+    """The discovery service (etcd) cannot be reached or refused the request.
+
+    Transfers between peers already connected are not affected; publishing resumes and
+    lookups work again once the service is back.
+    """
+
+
+class PeerNotFound(DiscoveryError, LookupError):
+    """No live agent is registered under the name that was looked up."""
+
+
 __all__ = [
-    "AgentClosed", "AuthenticationFailed", "BackendUnavailable", "BlockOutOfRange", "KvxferError", "LayoutMismatch",
-    "LocalProtocolError", "PeerUnreachable", "ProtocolError", "RemoteError",
+    "AgentClosed", "AuthenticationFailed", "BackendUnavailable", "BlockOutOfRange",
+    "DiscoveryError", "DiscoveryUnavailable", "KvxferError", "LayoutMismatch",
+    "LocalProtocolError", "PeerNotFound", "PeerUnreachable", "ProtocolError", "RemoteError",
     "RemoteProtocolError", "TransferFailed", "TransferTimeout",
 ]

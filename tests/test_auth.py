@@ -172,7 +172,7 @@ def _meta(secret):
     from kvxfer import KVLayout
 
     desc = KVLayout.vllm([torch.zeros(2, 4, 16, 2, 8)]).descriptor.to_bytes()
-    return encode_metadata("prefill", "tcp", "127.0.0.1:5000", desc, b"nixl", secret)
+    return encode_metadata("prefill", "tcp", "127.0.0.1:5000", desc, b"nixl", "inc-1", secret)
 
 
 def test_metadata_tags_refuse_forgery():

@@ -46,8 +46,9 @@ def test_agent_misuse_is_refused_clearly():
             a.add_peer(b"garbage")
         with pytest.raises(kvxfer.RemoteProtocolError):
             a.add_peer(b"KVXM1{\"name\": 1}")
-        old = b.metadata().replace(b"KVXM4", b"KVXM3", 1)  # no authentication on its wire
-        with pytest.raises(kvxfer.RemoteProtocolError, match="version 3, .*version 4"):
+        v = kvxfer.protocol.frames.VERSION
+        old = b.metadata().replace(b"KVXM%d." % v, b"KVXM%d." % (v - 1), 1)  # an older wire
+        with pytest.raises(kvxfer.RemoteProtocolError, match=f"version {v - 1}, .*version {v}"):
             a.add_peer(old)
         peer = a.add_peer(b.metadata())
         assert a.add_peer(b.metadata()) is peer  # one connection per peer

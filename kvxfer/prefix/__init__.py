@@ -10,7 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kvxfer.prefix.hashing import BlockHasher, PrefixHashState, event_hash, sha256_cbor
+from kvxfer.prefix.hashing import (BlockHasher, PrefixHashState, event_hash, key_scheme_for,
+                                   sha256_cbor)
 from kvxfer.prefix.index import IndexConfig, IndexStats, PrefixIndex
 from kvxfer.prefix.locations import TIERS, Location, Overlap
 from kvxfer.prefix.routing import RouteDecision, RoutingConfig, route
@@ -39,4 +40,4 @@ __all__ = ["AllBlocksCleared", "BlockHasher", "BlockRemoved", "BlockStored", "In
            "IndexStats", "KVEventPublisher", "KVEventSubscriber", "Location", "Overlap",
            "PrefixHashState", "PrefixIndex", "PublisherConfig", "RouteDecision",
            "RoutingConfig", "SubscriberConfig", "SubscriberStats", "TIERS", "event_hash",
-           "route", "sha256_cbor"]
+           "key_scheme_for", "route", "sha256_cbor"]

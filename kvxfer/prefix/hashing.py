@@ -10,8 +10,15 @@ block is not hashed). Each block's digest chains on its parent's digest::
 ``mode="vllm"``: ``H`` is SHA-256 over the canonical CBOR encoding of the triple
 ``(parent_digest, tuple(token_ids), extra_keys or None)`` and ``root`` is NONE_HASH =
 SHA-256(CBOR(seed)), seed ``"vllm-none-hash"`` unless vLLM runs with PYTHONHASHSEED.
-Extra keys, in vLLM's order: LoRA name, multimodal ``(identifier, offset in block)``
-keys, cache salt (first block only). The CBOR encoder below covers exactly the types
+Extra keys, in vLLM's order: LoRA, multimodal items overlapping the block, cache salt
+(first block only). Their shape is the ``key_scheme``:
+
+    "tagged"    vLLM >= 0.31: ("lora", name, path), ("mm", identifier, offset in
+                block), ("cache_salt", salt)  -- the default (today's vLLM)
+    "untagged"  vLLM <= 0.30: name, (identifier, offset in block), salt
+
+(vLLM's KV events publish the untagged forms in ``BlockStored.extra_keys`` whatever it
+hashes.) The CBOR encoder below covers exactly the types
 that appear in that triple (bytes, str, int, None, tuples), written to RFC 8949's
 canonical rules (shortest head), so the package needs no cbor2 at run time.
 
@@ -43,6 +50,29 @@ _FAST_ROOT_TAG = b"kvxfer-fast-root\x00"
 
 #: One multimodal item: (identifier, offset in request tokens, length in tokens).
 MMFeature = tuple[str, int, int]
+
+#: Extra-key schemes, by the vLLM releases that hash that way.
+KEY_SCHEMES: tuple[str, ...] = ("tagged", "untagged")
+_FIRST_TAGGED = (0, 31)
+
+
+def key_scheme_for(vllm_version: str) -> str:
+    """The extra-key scheme a vLLM release hashes with.
+
+    Args:
+        vllm_version: e.g. ``"0.33.0"`` or ``vllm.__version__``.
+
+    Returns:
+        ``"tagged"`` for 0.31 and later, ``"untagged"`` before.
+
+    Raises:
+        ValueError: not a version string.
+    """
+    try:
+        major, minor = (int(p) for p in vllm_version.split(".")[:2])
+    except ValueError:
+        raise ValueError(f"not a vLLM version: {vllm_version!r}") from None
+    return "tagged" if (major, minor) >= _FIRST_TAGGED else "untagged"
 
 
 def event_hash(digest: bytes | int) -> int:
@@ -124,7 +154,8 @@ def sha256_cbor(value: Any) -> bytes:
 
 
 def block_extra_keys(start: int, end: int, lora_name: str | None, cache_salt: str | None,
-                     mm_features: Sequence[MMFeature]) -> tuple[Any, ...] | None:
+                     mm_features: Sequence[MMFeature], lora_path: str | None = None,
+                     scheme: str = "tagged") -> tuple[Any, ...] | None:
     """Extra keys of the block covering tokens ``[start, end)``, in vLLM's order.
 
     Args:
@@ -133,20 +164,39 @@ def block_extra_keys(start: int, end: int, lora_name: str | None, cache_salt: st
         lora_name: the LoRA adapter's name, on every block.
         cache_salt: the request's cache salt, on the first block only.
         mm_features: multimodal items ``(identifier, offset, length)`` sorted by offset;
-            each item overlapping the block adds ``(identifier, offset - start)``.
+            each item overlapping the block adds its identifier and ``offset - start``.
+        lora_path: the adapter's path (tagged scheme only; vLLM requires one).
+        scheme: ``"tagged"`` or ``"untagged"`` (see :data:`KEY_SCHEMES`).
 
     Returns:
         The tuple of extra keys, or None when there are none.
+
+    Raises:
+        ValueError: an unknown scheme, or a LoRA name without a path when tagged.
     """
+    tagged = _check_scheme(scheme)
     keys: list[Any] = []
     if lora_name is not None:
-        keys.append(lora_name)
+        if tagged:
+            if not lora_path:
+                raise ValueError("vLLM >= 0.31 hashes the LoRA adapter's path with its name: "
+                                 "pass lora_path (or key_scheme='untagged' for older vLLM)")
+            keys.append(("lora", lora_name, lora_path))
+        else:
+            keys.append(lora_name)
     for identifier, offset, length in mm_features:
         if offset < end and start < offset + length:
-            keys.append((identifier, offset - start))
+            keys.append(("mm", identifier, offset - start) if tagged
+                        else (identifier, offset - start))
     if start == 0 and cache_salt:
-        keys.append(cache_salt)
+        keys.append(("cache_salt", cache_salt) if tagged else cache_salt)
     return tuple(keys) if keys else None
+
+
+def _check_scheme(scheme: str) -> bool:
+    if scheme not in KEY_SCHEMES:
+        raise ValueError(f"key_scheme must be one of {KEY_SCHEMES}, got {scheme!r}")
+    return scheme == "tagged"
 
 
 def _fast_extra(out: bytearray, value: Any) -> None:
@@ -178,10 +228,11 @@ class PrefixHashState:
 
     # The hasher that owns the scheme; set once.
     hasher: BlockHasher
-    # LoRA name, cache salt, multimodal items: fixed for the request.
+    # LoRA name, cache salt, multimodal items, LoRA path: fixed for the request.
     lora_name: str | None
     cache_salt: str | None
     mm_features: tuple[MMFeature, ...]
+    lora_path: str | None = None
     # Digests of every full block so far; extend() appends.
     hashes: list[bytes] = field(default_factory=list)
     # Tokens after the last full block (fewer than block_size); extend() rewrites.
@@ -202,7 +253,7 @@ class PrefixHashState:
         start = len(self.hashes) * size
         parent = self.hashes[-1] if self.hashes else None
         new = self.hasher._chain(tokens[:full], start, parent, self.lora_name,
-                                 self.cache_salt, self.mm_features)
+                                 self.cache_salt, self.mm_features, self.lora_path)
         self.hashes.extend(new)
         self.pending = tokens[full:]
         return new
@@ -218,22 +269,28 @@ class BlockHasher:
         seed: root seed. vllm mode: the PYTHONHASHSEED string vLLM runs with, else
             None for vLLM's default ``"vllm-none-hash"``. fast mode: any string, or
             None for the fixed default root.
+        key_scheme: how extra keys (LoRA, multimodal, salt) are shaped: ``"tagged"``
+            (vLLM >= 0.31, the default) or ``"untagged"`` (older vLLM); see
+            :func:`key_scheme_for` and :meth:`for_vllm`.
 
     Raises:
-        ValueError: a non-positive block size or an unknown mode.
+        ValueError: a non-positive block size, an unknown mode or key scheme.
         BackendUnavailable: fast mode without the xxhash package.
     """
 
-    __slots__ = ("block_size", "mode", "seed", "root", "_xxh")
+    __slots__ = ("block_size", "mode", "seed", "key_scheme", "root", "_xxh")
 
-    def __init__(self, block_size: int, mode: str = "fast", seed: str | None = None) -> None:
+    def __init__(self, block_size: int, mode: str = "fast", seed: str | None = None,
+                 key_scheme: str = "tagged") -> None:
         if block_size <= 0:
             raise ValueError(f"block_size must be positive, got {block_size}")
         if mode not in ("fast", "vllm"):
             raise ValueError(f"mode must be 'fast' or 'vllm', got {mode!r}")
+        _check_scheme(key_scheme)
         self.block_size = block_size
         self.mode = mode
         self.seed = seed
+        self.key_scheme = key_scheme
         self._xxh: Any = None
         if mode == "vllm":
             self.root = sha256_cbor(VLLM_DEFAULT_SEED if seed is None else seed)
@@ -245,23 +302,44 @@ class BlockHasher:
             self._xxh = xxhash.xxh3_128_digest
             self.root = self._xxh(_FAST_ROOT_TAG + (seed or "").encode("utf-8"))
 
+    @classmethod
+    def for_vllm(cls, block_size: int, vllm_version: str,
+                 seed: str | None = None) -> BlockHasher:
+        """A ``mode="vllm"`` hasher with the key scheme of one vLLM release.
+
+        Args:
+            block_size: vLLM's block size (its hash block size).
+            vllm_version: the release, e.g. ``"0.33.0"``.
+            seed: PYTHONHASHSEED of the engine, if set.
+
+        Raises:
+            ValueError: a bad block size or version.
+        """
+        return cls(block_size, "vllm", seed, key_scheme_for(vllm_version))
+
     def start(self, lora_name: str | None = None, cache_salt: str | None = None,
-              mm_features: Sequence[MMFeature] = ()) -> PrefixHashState:
+              mm_features: Sequence[MMFeature] = (),
+              lora_path: str | None = None) -> PrefixHashState:
         """Begin an incremental hash of one request.
 
         Args:
             lora_name: LoRA adapter name (an extra key on every block).
             cache_salt: cache salt (an extra key on the first block).
             mm_features: multimodal items ``(identifier, offset, length)``.
+            lora_path: the LoRA adapter's path (hashed by the tagged scheme).
 
         Returns:
             A state whose ``extend(tokens)`` hashes only the new full blocks.
+
+        Raises:
+            ValueError: a LoRA name without a path under the tagged scheme.
         """
-        return PrefixHashState(self, lora_name, cache_salt, tuple(mm_features))
+        block_extra_keys(0, 0, lora_name, None, (), lora_path, self.key_scheme)  # check now
+        return PrefixHashState(self, lora_name, cache_salt, tuple(mm_features), lora_path)
 
     def hash_blocks(self, token_ids: Sequence[int], lora_name: str | None = None,
-                    cache_salt: str | None = None,
-                    mm_keys: Sequence[MMFeature] = ()) -> list[bytes]:
+                    cache_salt: str | None = None, mm_keys: Sequence[MMFeature] = (),
+                    lora_path: str | None = None) -> list[bytes]:
         """Digests of every full block of ``token_ids``.
 
         Args:
@@ -269,17 +347,24 @@ class BlockHasher:
             lora_name: LoRA adapter name.
             cache_salt: cache salt.
             mm_keys: multimodal items ``(identifier, offset, length)``.
+            lora_path: the LoRA adapter's path (vLLM's ``LoRARequest.lora_path``);
+                needed with ``lora_name`` under the tagged scheme.
 
         Returns:
             One digest per full block, in order.
+
+        Raises:
+            ValueError: a LoRA name without a path under the tagged scheme.
         """
         tokens = list(token_ids)
         full = len(tokens) // self.block_size * self.block_size
-        return self._chain(tokens[:full], 0, None, lora_name, cache_salt, tuple(mm_keys))
+        block_extra_keys(0, 0, lora_name, None, (), lora_path, self.key_scheme)
+        return self._chain(tokens[:full], 0, None, lora_name, cache_salt, tuple(mm_keys),
+                           lora_path)
 
     def _chain(self, tokens: list[int], start: int, parent: bytes | None,
                lora_name: str | None, cache_salt: str | None,
-               mm: tuple[MMFeature, ...]) -> list[bytes]:
+               mm: tuple[MMFeature, ...], lora_path: str | None = None) -> list[bytes]:
         size = self.block_size
         digest = self.root if parent is None else parent
         out: list[bytes] = []
@@ -287,7 +372,8 @@ class BlockHasher:
         packed = np.asarray(tokens, dtype="<i8").tobytes() if fast and tokens else b""
         for i in range(0, len(tokens), size):
             begin = start + i
-            extra = block_extra_keys(begin, begin + size, lora_name, cache_salt, mm)
+            extra = block_extra_keys(begin, begin + size, lora_name, cache_salt, mm,
+                                     lora_path, self.key_scheme)
             if fast:
                 buf = bytearray(digest)
                 buf += packed[i * 8:(i + size) * 8]
@@ -300,5 +386,5 @@ class BlockHasher:
         return out
 
 
-__all__ = ["BlockHasher", "MMFeature", "PrefixHashState", "VLLM_DEFAULT_SEED",
-           "block_extra_keys", "event_hash", "sha256_cbor"]
+__all__ = ["BlockHasher", "KEY_SCHEMES", "MMFeature", "PrefixHashState", "VLLM_DEFAULT_SEED",
+           "block_extra_keys", "event_hash", "key_scheme_for", "sha256_cbor"]

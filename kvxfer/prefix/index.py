@@ -10,6 +10,10 @@ One entry per distinct block (its 64-bit key, see :mod:`kvxfer.prefix.keys`) liv
     flags[slot]              uint8    1 = parent known
     used[slot]               uint64   LRU clock of the last store or match touching it
 
+Each (block hash, KV-cache group) is its own entry: group g's keys are XOR-ed with a
+fixed mask (:func:`~kvxfer.prefix.keys.in_group`), so a hybrid model's groups are
+stored, matched and removed apart; every method takes ``group`` (default 0).
+
 Worker ids are small integers handed out on first store and recycled after
 ``remove_worker``; the word dimension grows by one per 64 workers.
 
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvxfer.prefix.bitmaps import leading_counts, popcount_columns, set_bits
-from kvxfer.prefix.keys import BlockHashes, as_key, as_keys
+from kvxfer.prefix.keys import BlockHashes, as_key, as_keys, group_mask, in_group
 from kvxfer.prefix.locations import TIERS, Location, Overlap, tier_index
 from kvxfer.prefix.table import SlotTable
 
@@ -108,7 +112,7 @@ class PrefixIndex:
 
     def store(self, worker: Hashable, block_hashes: BlockHashes, tier: str = "gpu",
               parent: bytes | int | None = None,
-              block_ids: Sequence[int] | None = None) -> None:
+              block_ids: Sequence[int] | None = None, group: int = 0) -> None:
         """Record that ``worker`` holds a chain of blocks on ``tier``.
 
         Args:
@@ -117,9 +121,10 @@ class PrefixIndex:
             tier: one of ``gpu``, ``cpu``, ``disk``, ``remote``.
             parent: the first block's parent, if it has one.
             block_ids: the worker's block id for each block, if known.
+            group: the KV-cache group the blocks belong to.
 
         Raises:
-            ValueError: an unknown tier, or block_ids of the wrong length.
+            ValueError: an unknown tier or group, or block_ids of the wrong length.
             TypeError: a block hash that is neither bytes nor int.
         """
         keys = as_keys(block_hashes)
@@ -131,11 +136,11 @@ class PrefixIndex:
                 has_parent[0] = False
             else:
                 parents[0] = as_key(parent)
-        self.store_arrays(worker, keys, parents, has_parent, tier, block_ids)
+        self.store_arrays(worker, keys, parents, has_parent, tier, block_ids, group)
 
     def store_arrays(self, worker: Hashable, keys: np.ndarray, parents: np.ndarray,
                      has_parent: np.ndarray, tier: str = "gpu",
-                     block_ids: Sequence[int] | None = None) -> None:
+                     block_ids: Sequence[int] | None = None, group: int = 0) -> None:
         """Bulk form of :meth:`store`: keys with explicit per-block parents.
 
         Args:
@@ -145,11 +150,14 @@ class PrefixIndex:
             has_parent: bool per block.
             tier: the tier name.
             block_ids: the worker's block id for each block, if known.
+            group: the KV-cache group.
 
         Raises:
-            ValueError: an unknown tier, or arrays / block_ids of mismatched length.
+            ValueError: an unknown tier or group, or arrays / block_ids of mismatched
+                length.
         """
         t = tier_index(tier)
+        keys, parents = in_group(keys, group), in_group(parents, group)
         n = int(keys.shape[0])
         if parents.shape[0] != n or has_parent.shape[0] != n:
             raise ValueError("keys, parents and has_parent must have the same length")
@@ -173,13 +181,14 @@ class PrefixIndex:
             self._maybe_evict()
 
     def remove(self, worker: Hashable, block_hashes: BlockHashes,
-               tier: str | None = None) -> None:
-        """Forget that ``worker`` holds these blocks (on ``tier``, or on every tier).
+               tier: str | None = None, group: int = 0) -> None:
+        """Forget that ``worker`` holds these blocks of ``group`` (on ``tier``, or on
+        every tier). The same hashes in other groups are kept.
 
         Raises:
-            ValueError: an unknown tier.
+            ValueError: an unknown tier or group.
         """
-        keys = as_keys(block_hashes)
+        keys = in_group(as_keys(block_hashes), group)
         tiers = range(_NT) if tier is None else (tier_index(tier),)
         with self._lock:
             wid = self._ids.get(worker)
@@ -222,17 +231,21 @@ class PrefixIndex:
 
     # ------------------------------------------------------------ readers
 
-    def match(self, block_hashes: BlockHashes) -> dict[Hashable, int]:
-        """Leading blocks of a request each worker holds (on any tier).
+    def match(self, block_hashes: BlockHashes, group: int = 0) -> dict[Hashable, int]:
+        """Leading blocks of a request each worker holds (on any tier) in ``group``.
 
         Args:
             block_hashes: the request's block hashes, in order.
+            group: the KV-cache group to match in (a hybrid model asks per group).
 
         Returns:
             worker -> number of leading blocks it holds; workers holding none are left
             out (use ``.get(worker, 0)``).
+
+        Raises:
+            ValueError: a bad group.
         """
-        keys = as_keys(block_hashes)
+        keys = in_group(as_keys(block_hashes), group)
         with self._lock:
             run, slots = self._run(keys)
             self._touch(slots)
@@ -241,9 +254,9 @@ class PrefixIndex:
             self._metrics.lookup(int(keys.shape[0]), max(found.values(), default=0))
         return found
 
-    def overlap(self, block_hashes: BlockHashes) -> dict[Hashable, Overlap]:
+    def overlap(self, block_hashes: BlockHashes, group: int = 0) -> dict[Hashable, Overlap]:
         """Like :meth:`match`, with each worker's matched blocks split by best tier."""
-        keys = as_keys(block_hashes)
+        keys = in_group(as_keys(block_hashes), group)
         with self._lock:
             run, slots = self._run(keys)
             counts = leading_counts(run)
@@ -263,9 +276,10 @@ class PrefixIndex:
                                             {TIERS[t]: int(per_tier[t][w]) for t in range(_NT)})
                     for w, c in counts.items()}
 
-    def match_tiers(self, block_hashes: BlockHashes, worker: Hashable) -> list[str]:
-        """Best tier of each leading block ``worker`` holds (empty if none)."""
-        keys = as_keys(block_hashes)
+    def match_tiers(self, block_hashes: BlockHashes, worker: Hashable,
+                    group: int = 0) -> list[str]:
+        """Best tier of each leading block ``worker`` holds in ``group`` (empty if none)."""
+        keys = in_group(as_keys(block_hashes), group)
         with self._lock:
             wid = self._ids.get(worker)
             if wid is None:
@@ -277,9 +291,9 @@ class PrefixIndex:
             has = (self._table.columns["masks"][slots[:count], :, wid >> 6] & bit) != 0
             return [TIERS[t] for t in np.argmax(has, axis=1).tolist()]
 
-    def locations(self, block_hash: bytes | int) -> list[Location]:
-        """Every (worker, tier, block id) holding one block, fastest tier first."""
-        key = as_key(block_hash)
+    def locations(self, block_hash: bytes | int, group: int = 0) -> list[Location]:
+        """Every (worker, tier, block id) holding one block of ``group``, fastest first."""
+        key = as_key(block_hash) ^ group_mask(group)
         with self._lock:
             slot = int(self._table.lookup(np.array([key], dtype=np.uint64))[0])
             if slot < 0:
@@ -293,9 +307,11 @@ class PrefixIndex:
                         out.append(Location(self._owner[wid], TIERS[t], block))
             return out
 
-    def chain(self, block_hash: bytes | int) -> list[int]:
-        """Keys of the block's indexed ancestry, root first, ending with the block."""
-        key = as_key(block_hash)
+    def chain(self, block_hash: bytes | int, group: int = 0) -> list[int]:
+        """Keys of the block's indexed ancestry in ``group``, root first, ending with the
+        block (as event-form hashes, whatever the group)."""
+        mask = group_mask(group)
+        key = as_key(block_hash) ^ mask
         out: list[int] = []
         with self._lock:
             cols = self._table.columns
@@ -307,7 +323,7 @@ class PrefixIndex:
                 if not cols["flags"][slot]:
                     break
                 key = int(cols["parent"][slot])
-        return out[::-1]
+        return [k ^ mask for k in out[::-1]]
 
     def workers(self) -> list[Hashable]:
         """Workers that currently have an id."""
@@ -325,6 +341,7 @@ class PrefixIndex:
         return self._table.live
 
     def __contains__(self, block_hash: object) -> bool:
+        # Group 0's blocks; ask locations(h, group) for another group.
         if not isinstance(block_hash, (bytes, int)):
             return False
         key = as_key(block_hash)

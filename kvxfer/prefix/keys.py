@@ -4,6 +4,12 @@ A digest (bytes) and its 64-bit event form (int) name the same block: the key is
 digest's last 8 bytes read big-endian, which is exactly what vLLM puts in its KV events
 when they carry integers. Python ``hash()`` values (negative ints, from old vLLM) are
 taken modulo 2**64, as vLLM's own int conversion does.
+
+KV-cache groups: a hybrid model (sliding window plus full attention, say) caches the
+same block hash once per group, and vLLM keys its cache by (hash, group). The index
+does the same by XOR-ing group g's keys with a fixed 64-bit mask (group 0: none), a
+bijection per group, so (hash, group) pairs are distinct keys and a key can be turned
+back into its hash.
 """
 
 from __future__ import annotations
@@ -14,6 +20,8 @@ from typing import Union
 import numpy as np
 
 from kvxfer.prefix.hashing import event_hash
+
+_MASK64 = (1 << 64) - 1
 
 #: What the index accepts as block hashes.
 BlockHashes = Union[Sequence[bytes], Sequence[int], np.ndarray]
@@ -64,6 +72,28 @@ def _one_key(block_hash: object) -> int:
     raise TypeError(f"a block hash must be bytes or int, got {type(block_hash).__name__}")
 
 
+def group_mask(group: int) -> int:
+    """The 64-bit mask XOR-ed into group ``group``'s keys (0 for group 0).
+
+    Raises:
+        ValueError: a negative or non-integer group.
+    """
+    if isinstance(group, bool) or not isinstance(group, (int, np.integer)) or group < 0:
+        raise ValueError(f"a KV-cache group is an int >= 0, got {group!r}")
+    if group == 0:
+        return 0
+    z = (int(group) * 0x9E3779B97F4A7C15) & _MASK64  # splitmix64 finaliser
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31) or 1
+
+
+def in_group(keys: np.ndarray, group: int) -> np.ndarray:
+    """``keys`` as group ``group``'s keys (or back: the mapping is its own inverse)."""
+    mask = group_mask(group)
+    return keys if mask == 0 else keys ^ np.uint64(mask)
+
+
 def as_key(block_hash: bytes | int) -> int:
     """One block hash -> its ``uint64`` key as a Python int.
 
@@ -73,4 +103,4 @@ def as_key(block_hash: bytes | int) -> int:
     return _one_key(block_hash)
 
 
-__all__ = ["BlockHashes", "as_key", "as_keys"]
+__all__ = ["BlockHashes", "as_key", "as_keys", "group_mask", "in_group"]

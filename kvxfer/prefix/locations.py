@@ -14,6 +14,7 @@ MEDIUM_TIERS: dict[str, str] = {
     "gpu": "gpu", "cuda": "gpu", "hbm": "gpu",
     "cpu": "cpu", "host": "cpu", "cpu_pinned": "cpu", "dram": "cpu",
     "disk": "disk", "local_disk": "disk", "ssd": "disk", "nvme": "disk", "file": "disk",
+    "storage": "disk",  # vLLM's MEDIUM_STORAGE: its offloading connectors' local storage
     "remote": "remote", "network": "remote", "object_store": "remote",
 }
 

@@ -8,8 +8,8 @@ PUB socket, keeping the last ``buffer_steps`` payloads. Between batches the same
 answers replay requests on a ROUTER socket exactly as vLLM's publisher does::
 
     in:  [client id][b""][start seq, 8 B big-endian]
-    out: [client id][b""][seq][payload]   for every buffered seq >= start
-         [client id][b""][-1 as 8 B][b""]  end marker
+    out: [client id][b""][topic][seq][payload]   for every buffered seq >= start
+         [client id][b""][b""][-1 as 8 B][b""]   end marker
 
 Sequence numbers start at 0, so a subscriber sees a new publisher on the same
 endpoint as a restart. Sockets are bound in the constructor (``*`` ports resolve to
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvxfer.errors import AgentClosed
-from kvxfer.prefix.event_wire import Event, encode_batch
+from kvxfer.prefix.event_wire import ALIASES, ENCODINGS, Event, encode_batch
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +43,9 @@ class PublisherConfig:
     buffer_steps: int = 10_000
     # ZMQ send high-water mark (messages); 0 = unbounded.
     sndhwm: int = 100_000
-    # "array" (positional structs, as older vLLM) or "map" ("type"-keyed, newer vLLM).
-    encoding: str = "array"
+    # How batches are encoded (see event_wire.ENCODINGS): "vllm" (array batch,
+    # "type"-keyed map events, as vLLM sends), "array" (older vLLM), "map", ...
+    encoding: str = "vllm"
     # Batches waiting in publish()'s queue before publish() blocks.
     max_queue: int = 100_000
     # DP rank stamped on every batch (the third batch field); None leaves it out.
@@ -69,8 +70,9 @@ class KVEventPublisher:
                  topic: str = "", config: PublisherConfig | None = None) -> None:
         import zmq
         self.config = config or PublisherConfig()
-        if self.config.encoding not in ("array", "map"):
-            raise ValueError(f"encoding must be 'array' or 'map', got {self.config.encoding!r}")
+        if ALIASES.get(self.config.encoding, self.config.encoding) not in ENCODINGS:
+            raise ValueError(f"encoding must be one of {sorted(ENCODINGS) + sorted(ALIASES)},"
+                             f" got {self.config.encoding!r}")
         self._zmq = zmq
         self._topic = topic.encode("utf-8")
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=self.config.max_queue)
@@ -89,6 +91,9 @@ class KVEventPublisher:
             if replay_endpoint is not None:
                 self._router = ctx.socket(zmq.ROUTER)
                 self._router.setsockopt(zmq.LINGER, 0)
+                # A whole replay plus its end marker must fit, or ZMQ drops the tail
+                # (its acks lag by up to HWM/2 messages, hence twice the buffer).
+                self._router.setsockopt(zmq.SNDHWM, 2 * (self.config.buffer_steps + 1))
                 self._router.bind(replay_endpoint)
                 self.replay_endpoint = self._router.getsockopt(zmq.LAST_ENDPOINT).decode()
         except Exception:
@@ -178,8 +183,9 @@ class KVEventPublisher:
         client, start = frames[0], int.from_bytes(frames[2], "big", signed=True)
         for seq, payload in list(self._buffer):
             if seq >= start:
-                self._router.send_multipart([client, b"", seq.to_bytes(8, "big"), payload])
-        self._router.send_multipart([client, b"", _END, b""])
+                self._router.send_multipart([client, b"", self._topic, seq.to_bytes(8, "big"),
+                                             payload])
+        self._router.send_multipart([client, b"", b"", _END, b""])
 
     def _close_sockets(self) -> None:
         self._pub.close(linger=500)  # let already-sent batches leave

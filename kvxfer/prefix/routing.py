@@ -52,7 +52,7 @@ class RouteDecision:
 
 
 def route(index: PrefixIndex, block_hashes: BlockHashes, loads: Mapping[Hashable, float],
-          config: RoutingConfig | None = None) -> RouteDecision:
+          config: RoutingConfig | None = None, group: int = 0) -> RouteDecision:
     """Choose among ``loads``' workers the cheapest one for this request.
 
     Args:
@@ -60,6 +60,7 @@ def route(index: PrefixIndex, block_hashes: BlockHashes, loads: Mapping[Hashable
         block_hashes: the request's block hashes.
         loads: candidate worker -> current load; only these workers are considered.
         config: credits and load weight; defaults to :class:`RoutingConfig`.
+        group: the KV-cache group whose cached blocks count.
 
     Returns:
         The decision.
@@ -75,7 +76,7 @@ def route(index: PrefixIndex, block_hashes: BlockHashes, loads: Mapping[Hashable
         raise ValueError(f"credits for unknown tiers {sorted(unknown)}")
     keys = as_keys(block_hashes)
     n = int(keys.shape[0])
-    overlaps = index.overlap(keys)
+    overlaps = index.overlap(keys, group)
     costs: dict[Hashable, float] = {}
     best: tuple[float, float, int] | None = None
     chosen: Hashable = None

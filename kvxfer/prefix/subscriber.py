@@ -5,6 +5,10 @@ Theory of operation
 One owned thread reads a ZMQ SUB socket (frames ``[topic][seq][payload]``, see
 :mod:`kvxfer.prefix.event_wire`) and applies each batch to the index as one worker::
 
+    first message    -> if seq > 0 and there is a replay endpoint, replay [0, seq) first
+                        (a router that starts after the engine learns what the engine's
+                        buffer still holds; any unbroken run of batches ending at seq-1
+                        is safe to apply, a missing older part only under-reports)
     seq == last + 1  -> apply
     seq <= last      -> the publisher restarted (a PUB never repeats a number; vLLM's
                         counter starts again at 0): its cache is empty, clear the
@@ -13,15 +17,19 @@ One owned thread reads a ZMQ SUB socket (frames ``[topic][seq][payload]``, see
                         from a continuation; the protocol has no publisher epoch.)
     seq >  last + 1  -> gap: ask the replay ROUTER for [last+1, seq) over a DEALER:
                           request  [b""][start seq, 8 B big-endian]
-                          replies  [b""][seq][payload] ... [b""][-1][b""]
+                          replies  [b""][topic][seq][payload] ... [b""][b""][-1][b""]
+                        (vLLM's layout; the older one without the topic frame,
+                        [b""][seq][payload] ... [b""][-1][b""], is read too)
                         apply what came back in order; if the gap cannot be filled
                         (no replay endpoint, timeout, batches aged out) clear the
                         worker, since a lost BlockRemoved would leave stale locations.
 
 Stored blocks of consecutive events (and of every message drained in one wake-up)
-are coalesced into one bulk index insert; a removal or clear flushes them first, so
-the order of effects is the order of events. A payload that is not a KV-event batch,
-or an event that cannot be applied, is logged, counted and skipped; the thread goes on.
+of one tier and KV-cache group (``group_idx``; None = 0) are coalesced into one bulk
+index insert; a removal or clear flushes them first, so the order of effects is the
+order of events. A payload that is not a KV-event batch, or an event that cannot be
+read or applied, is logged, counted and skipped (the batch's other events are
+applied); the thread goes on.
 """
 
 from __future__ import annotations
@@ -54,6 +62,8 @@ class SubscriberConfig:
     replay_timeout_s: float = 2.0
     # Clear the worker when a gap cannot be replayed (keeps the index conservative).
     clear_on_unrecovered_gap: bool = True
+    # On the first message, replay the engine's buffered history before it.
+    replay_on_join: bool = True
     # Most messages drained per wake-up before their stores are flushed.
     max_drain: int = 512
     # ZMQ receive high-water mark (messages); 0 = unbounded.
@@ -71,9 +81,10 @@ class SubscriberStats:
     blocks_removed: int = 0
     # Messages or events that were malformed and skipped.
     malformed: int = 0
-    # Gaps found; batches recovered by replay.
+    # Gaps found; batches recovered by replay (including history replayed on joining).
     gaps: int = 0
     replayed: int = 0
+    joined_history: int = 0
     # Gaps that replay could not fill; publisher restarts (seq back to 0).
     unrecovered_gaps: int = 0
     restarts: int = 0
@@ -113,6 +124,7 @@ class KVEventSubscriber:
         self._pending: list[Any] = []        # thread-only: hashes awaiting a bulk store
         self._starts: list[tuple[int, Any]] = []  # (offset in _pending, parent hash)
         self._pending_tier = "gpu"
+        self._pending_group = 0
         self._warned_media: set[str] = set()
 
     # ------------------------------------------------------------ lifecycle
@@ -233,6 +245,8 @@ class KVEventSubscriber:
             last = -1
         if last is not None and seq > last + 1:
             self._recover(last + 1, seq, decoder)
+        elif last is None and seq > 0 and self.replay_endpoint and self.config.replay_on_join:
+            self._join_history(seq, decoder)
         self._apply(frames[2], decoder)
         self._last_seq = seq
 
@@ -252,6 +266,18 @@ class KVEventSubscriber:
         if self.config.clear_on_unrecovered_gap:
             self.index.clear(self.worker)
 
+    def _join_history(self, until: int, decoder: BatchDecoder) -> None:
+        got = self._fetch_replay(0, until) or {}
+        start = until
+        while start - 1 in got:  # the unbroken run that ends just before `until`
+            start -= 1
+        for seq in range(start, until):
+            self._apply(got[seq], decoder)
+        self._stats.replayed += until - start
+        self._stats.joined_history += until - start
+        log.info("joined the KV events of %r at seq %d; replayed %d earlier batches",
+                 self.worker, until, until - start)
+
     def _fetch_replay(self, start: int, until: int) -> dict[int, bytes] | None:
         zmq = self._zmq
         dealer = zmq.Context.instance().socket(zmq.DEALER)
@@ -267,15 +293,21 @@ class KVEventSubscriber:
                     waited += step
                     continue
                 frames = dealer.recv_multipart()
-                if len(frames) != 3 or frames[0] != b"" or len(frames[1]) != 8:
+                # vLLM: [b"", topic, seq, payload]; older publishers: [b"", seq, payload].
+                if frames and frames[0] == b"" and len(frames) in (3, 4):
+                    seq_frame, payload = frames[-2], frames[-1]
+                else:
+                    seq_frame, payload = b"", b""
+                if len(seq_frame) != 8:
                     self._stats.malformed += 1
-                    log.warning("skipping a malformed replay reply of %d frames", len(frames))
+                    log.warning("skipping a malformed replay reply of %d frames (want "
+                                "[b'', topic, seq, payload])", len(frames))
                     continue
-                seq = int.from_bytes(frames[1], "big", signed=True)
+                seq = int.from_bytes(seq_frame, "big", signed=True)
                 if seq == -1:
                     return got
                 if start <= seq < until:
-                    got[seq] = frames[2]
+                    got[seq] = payload
             log.warning("replay of KV events from %d for %r timed out", start, self.worker)
             return None
         finally:
@@ -288,21 +320,28 @@ class KVEventSubscriber:
             self._stats.malformed += 1
             log.warning("skipping a malformed KV-event payload from %r: %s", self.worker, exc)
             return
+        if decoder.skipped:
+            self._stats.malformed += len(decoder.skipped)
+            log.warning("skipping %d unreadable KV events of %r (applying the rest of the "
+                        "batch): %s", len(decoder.skipped), self.worker,
+                        "; ".join(decoder.skipped[:3]))
         self._stats.batches += 1
         self._stats.events += len(events)
         for event in events:
             kind = event_kind(event)
             if kind == STORED:
                 tier = self._tier(event.medium)
-                if tier != self._pending_tier:
+                group = event.group_idx or 0
+                if tier != self._pending_tier or group != self._pending_group:
                     self._flush()
-                    self._pending_tier = tier
+                    self._pending_tier, self._pending_group = tier, group
                 self._starts.append((len(self._pending), event.parent_block_hash))
                 self._pending.extend(event.block_hashes)
             elif kind == REMOVED:
                 self._flush()
                 try:
-                    self.index.remove(self.worker, event.block_hashes, self._tier(event.medium))
+                    self.index.remove(self.worker, event.block_hashes, self._tier(event.medium),
+                                      event.group_idx or 0)
                 except (TypeError, ValueError) as exc:
                     self._stats.malformed += 1
                     log.warning("skipping a BlockRemoved event of %r: %s", self.worker, exc)
@@ -328,7 +367,8 @@ class KVEventSubscriber:
                     has_parent[offset] = False
                 else:
                     parents[offset] = as_key(parent)
-            self.index.store_arrays(self.worker, keys, parents, has_parent, self._pending_tier)
+            self.index.store_arrays(self.worker, keys, parents, has_parent, self._pending_tier,
+                                    group=self._pending_group)
         except (TypeError, ValueError):
             self._store_each(hashes, starts)  # find the bad event; keep the good ones
             return
@@ -338,7 +378,8 @@ class KVEventSubscriber:
         ends = [offset for offset, _ in starts[1:]] + [len(hashes)]
         for (offset, parent), end in zip(starts, ends):
             try:
-                self.index.store(self.worker, hashes[offset:end], self._pending_tier, parent)
+                self.index.store(self.worker, hashes[offset:end], self._pending_tier, parent,
+                                 group=self._pending_group)
             except (TypeError, ValueError) as exc:
                 self._stats.malformed += 1
                 log.warning("skipping a BlockStored event of %r: %s", self.worker, exc)

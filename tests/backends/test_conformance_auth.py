@@ -17,7 +17,7 @@ import time
 import pytest
 
 import kvxfer
-from kvxfer.metadata import decode_metadata, encode_metadata
+from kvxfer.metadata import decode_metadata, encode_metadata, metadata_incarnation
 from kvxfer.protocol import E_AUTH, Auth, Connection, Error, Hello, ReadRequest
 from kvxfer.protocol.handshake import ClientHandshake
 
@@ -43,7 +43,8 @@ def retagged(meta: bytes, secret: str | None) -> bytes:
     """The same agent's metadata, tagged with another secret (or none)."""
     info = decode_metadata(meta)
     return encode_metadata(info.name, info.backend, info.address, info.descriptor.to_bytes(),
-                           info.backend_metadata, secret.encode() if secret else None)
+                           info.backend_metadata, metadata_incarnation(meta),
+                           secret.encode() if secret else None)
 
 
 def prefix_for(backend: str) -> bytes:

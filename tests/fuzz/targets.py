@@ -16,7 +16,7 @@ import torch
 from kvxfer import KVLayout
 from kvxfer.errors import AuthenticationFailed, LayoutMismatch, RemoteProtocolError
 from kvxfer.layout import LayoutDescriptor
-from kvxfer.metadata import decode_metadata
+from kvxfer.metadata import METADATA_MAGIC, decode_metadata
 from kvxfer.protocol import NEED_DATA, CLOSED, Connection, PayloadData, decode_note
 from kvxfer.protocol import frames as F
 from kvxfer.protocol.handshake import ServerHandshake
@@ -99,7 +99,7 @@ def metadata(data: bytes) -> None:
         except (RemoteProtocolError, AuthenticationFailed):
             pass
     try:
-        decode_metadata(b"KVXM%d" % F.VERSION + data, SECRET)  # past the magic, often
+        decode_metadata(METADATA_MAGIC + data, SECRET)  # past the magic, often
     except (RemoteProtocolError, AuthenticationFailed):
         pass
 
@@ -123,7 +123,7 @@ def seeds() -> list[bytes]:
                Write(2, 0, (1,), ((3, 1),), 0, True, encode_note(Note(1, b"k", (0, 1)))),
                Data(1, 0, 0), Completion(2, 0), Error(1, 0, F.E_RANGE, "x"), Close("bye")]
     stream = hello + b"".join(enc.encode(f) for f in frames_)
-    meta = encode_metadata("peer", "tcp", "127.0.0.1:1", MINE.to_bytes(), b"", SECRET)
+    meta = encode_metadata("peer", "tcp", "127.0.0.1:1", MINE.to_bytes(), b"", "inc-1", SECRET)
     return [b"\x01" + stream, b"\x03" + stream, b"\x01" + hello, meta,
             encode_note(Note(2, b"key", message=b"done"))]
 

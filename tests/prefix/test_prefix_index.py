@@ -10,7 +10,9 @@ import pytest
 
 from kvxfer.prefix.hashing import BlockHasher
 from kvxfer.prefix.index import IndexConfig, PrefixIndex
+from kvxfer.prefix.keys import as_key
 from kvxfer.prefix.locations import Location
+from kvxfer.prefix.routing import route
 
 
 def chain(n: int, salt: str = "", block_size: int = 4) -> list[bytes]:
@@ -213,3 +215,32 @@ def test_memory_per_block_is_bounded():
     stats = idx.stats()
     assert stats.entries == len(np.unique(keys))
     assert stats.nbytes / stats.entries < 256
+
+
+def test_kv_cache_groups_are_separate_locations():
+    idx = PrefixIndex()
+    digests = [bytes([i]) * 32 for i in range(1, 5)]
+    idx.store("a", digests, block_ids=[10, 11, 12, 13])            # group 0
+    idx.store("b", digests[:2], group=1, block_ids=[20, 21])        # same hashes, group 1
+    idx.store("a", digests[:3], tier="cpu", group=2)
+    assert idx.match(digests) == {"a": 4}
+    assert idx.match(digests, group=1) == {"b": 2}
+    assert idx.match(digests, group=2) == {"a": 3}
+    assert idx.overlap(digests, group=2)["a"].by_tier["cpu"] == 3
+    assert idx.locations(digests[0]) == [Location("a", "gpu", 10)]
+    assert idx.locations(digests[0], group=1) == [Location("b", "gpu", 20)]
+    assert idx.chain(digests[1], group=1) == [as_key(digests[0]), as_key(digests[1])]
+    assert idx.match_tiers(digests, "a", group=2) == ["cpu"] * 3
+    assert route(idx, digests, {"a": 0, "b": 0}, group=1).worker == "b"
+    # Removing in one group leaves the others alone.
+    idx.remove("b", digests[:1], group=1)
+    assert idx.match(digests, group=1) == {} and idx.match(digests) == {"a": 4}
+    idx.remove("a", digests, group=2)
+    assert idx.match(digests, group=2) == {} and idx.match(digests) == {"a": 4}
+    idx.clear("a")
+    assert idx.match(digests) == {} and idx.match(digests[1:], group=1) == {"b": 1}
+    assert len(idx) == 1
+    with pytest.raises(ValueError, match="KV-cache group"):
+        idx.match(digests, group=-1)
+    with pytest.raises(ValueError, match="KV-cache group"):
+        idx.store("a", digests, group="full")

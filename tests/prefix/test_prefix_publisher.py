@@ -1,10 +1,14 @@
-"""KVEventPublisher: vLLM's PUB framing and replay ROUTER protocol, over real sockets."""
+"""KVEventPublisher: vLLM's PUB framing and replay ROUTER protocol, over real sockets.
+
+Replies follow vLLM's ZmqEventPublisher._service_replay: ``[b"", topic, seq, payload]``
+per batch, then ``[b"", b"", -1, b""]``."""
 
 from __future__ import annotations
 
+import msgspec
 import pytest
 import zmq
-from prefix_vllm_mirror import ARRAY, MAP
+from prefix_vllm_mirror import ARRAY, COMBO_IDS, COMBOS, VLLM
 
 from kvxfer.errors import AgentClosed
 from kvxfer.prefix.event_wire import BlockRemoved, BlockStored
@@ -22,28 +26,30 @@ def replay(endpoint: str, start: int, timeout_ms: int = 5000) -> list[list[bytes
             assert dealer.poll(timeout_ms), "replay did not answer"
             frames = dealer.recv_multipart()
             out.append(frames)
-            if frames[1] == (-1).to_bytes(8, "big", signed=True):
+            if frames[2] == (-1).to_bytes(8, "big", signed=True):
                 return out
     finally:
         dealer.close(linger=0)
 
 
-@pytest.mark.parametrize("encoding,vllm", [("array", ARRAY), ("map", MAP)])
-def test_replay_answers_like_vllm(encoding, vllm):
-    cfg = PublisherConfig(buffer_steps=3, encoding=encoding, data_parallel_rank=1)
-    with KVEventPublisher(replay_endpoint="tcp://127.0.0.1:*", config=cfg) as pub:
+@pytest.mark.parametrize("vllm", COMBOS, ids=COMBO_IDS)
+def test_replay_answers_like_vllm(vllm):
+    cfg = PublisherConfig(buffer_steps=3, encoding=vllm.name, data_parallel_rank=1)
+    with KVEventPublisher(replay_endpoint="tcp://127.0.0.1:*", topic="kv", config=cfg) as pub:
         for i in range(5):
             pub.publish([BlockStored([i]), BlockRemoved([i])], ts=float(i))
         assert pub.flush(5)
         frames = replay(pub.replay_endpoint, 3)
+        assert [len(f) for f in frames] == [4] * 3
         assert [f[0] for f in frames] == [b""] * 3
-        assert [int.from_bytes(f[1], "big", signed=True) for f in frames] == [3, 4, -1]
-        assert frames[-1][2] == b""
-        batch = vllm.decoder.decode(frames[0][2])
+        assert [f[1] for f in frames] == [b"kv", b"kv", b""]
+        assert [int.from_bytes(f[2], "big", signed=True) for f in frames] == [3, 4, -1]
+        assert frames[-1][3] == b""
+        batch = vllm.decoder.decode(frames[0][3])
         assert batch.ts == 3.0 and batch.data_parallel_rank == 1
         assert batch.events[0].block_hashes == [3]
         # Older batches have left the 3-deep buffer.
-        assert [int.from_bytes(f[1], "big", signed=True)
+        assert [int.from_bytes(f[2], "big", signed=True)
                 for f in replay(pub.replay_endpoint, 0)] == [2, 3, 4, -1]
 
 
@@ -62,7 +68,10 @@ def test_live_messages_are_topic_seq_payload():
                     break
             assert frames is not None
             assert frames[0] == b"kv@x" and len(frames[1]) == 8
-            assert ARRAY.decoder.decode(frames[2]).events[0].block_hashes == [42]
+            # The default encoding is vLLM's own: an array batch of "type"-keyed events.
+            assert VLLM.decoder.decode(frames[2]).events[0].block_hashes == [42]
+            with pytest.raises(msgspec.DecodeError):
+                ARRAY.decoder.decode(frames[2])
         finally:
             sub.close(linger=0)
 
@@ -77,7 +86,7 @@ def test_malformed_replay_request_is_ignored_and_close_is_idempotent():
     bad.send_multipart([b"", b"short"])
     assert not bad.poll(200)
     bad.close(linger=0)
-    assert [int.from_bytes(f[1], "big", signed=True)
+    assert [int.from_bytes(f[2], "big", signed=True)
             for f in replay(pub.replay_endpoint, 0)] == [0, -1]
     pub.close()
     pub.close()

@@ -8,7 +8,7 @@ import time
 
 import pytest
 import zmq
-from prefix_vllm_mirror import ARRAY, MAP
+from prefix_vllm_mirror import ARRAY, COMBO_IDS, COMBOS, MAP, VLLM
 
 from kvxfer.errors import AgentClosed
 from kvxfer.prefix.event_wire import AllBlocksCleared, BlockStored
@@ -36,29 +36,40 @@ class FakeEngine:
             self.router.bind("tcp://127.0.0.1:*")
             self.replay_endpoint = self.router.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.seq = 0
+        self.sent: dict[int, bytes] = {}
 
     def send(self, payload: bytes, seq: int | None = None, topic: bytes = b"") -> int:
         seq = self.seq if seq is None else seq
         self.pub.send_multipart([topic, seq.to_bytes(8, "big", signed=True), payload])
+        self.sent[seq] = payload
         self.seq = seq + 1
         return seq
 
     def sync(self, sub: KVEventSubscriber, wait_until) -> None:
-        """Send empty batches until the subscriber has one (ZMQ's slow joiner)."""
+        """Send empty batches until the subscriber has one (ZMQ's slow joiner),
+        answering the history replay it asks for when it joins."""
         def seen() -> bool:
             self.send(ARRAY.batch())
+            if self.router is not None and self.router.poll(0):
+                self.serve_replay(self.sent)
             return sub.stats().batches > 0
         assert wait_until(seen, timeout=10)
         assert sub.wait_applied(self.seq - 1, timeout=5)
 
-    def serve_replay(self, batches: dict[int, bytes], timeout_ms: int = 5000) -> list[bytes]:
+    def serve_replay(self, batches: dict[int, bytes], timeout_ms: int = 5000,
+                     topic: bytes | None = b"") -> list[bytes]:
+        """Answer one replay request as vLLM does ([b"", topic, seq, payload]), or as
+        older publishers did without the topic frame (topic=None)."""
         assert self.router.poll(timeout_ms), "no replay request arrived"
         frames = self.router.recv_multipart()
         client, start = frames[0], int.from_bytes(frames[2], "big", signed=True)
+        head = [client, b""] if topic is None else [client, b"", topic]
         for seq in sorted(batches):
             if seq >= start:
-                self.router.send_multipart([client, b"", seq.to_bytes(8, "big"), batches[seq]])
-        self.router.send_multipart([client, b"", (-1).to_bytes(8, "big", signed=True), b""])
+                self.router.send_multipart(head + [seq.to_bytes(8, "big"), batches[seq]])
+        end = [b""] if topic is not None else []
+        self.router.send_multipart([client, b""] + end +
+                                   [(-1).to_bytes(8, "big", signed=True), b""])
         return frames
 
     def close(self) -> None:
@@ -74,8 +85,8 @@ def engine():
     eng.close()
 
 
-@pytest.mark.parametrize("vllm", [ARRAY, MAP], ids=["array", "map"])
-def test_both_vllm_encodings_drive_the_index(engine, wait_until, vllm):
+@pytest.mark.parametrize("vllm", COMBOS, ids=COMBO_IDS)
+def test_every_vllm_encoding_drives_the_index(engine, wait_until, vllm):
     idx = PrefixIndex()
     with KVEventSubscriber(idx, "w", engine.endpoint, config=FAST) as sub:
         engine.sync(sub, wait_until)
@@ -96,7 +107,8 @@ def test_both_vllm_encodings_drive_the_index(engine, wait_until, vllm):
         assert stats.blocks_stored == 6 and stats.blocks_removed == 1 and stats.malformed == 0
 
 
-def test_a_dropped_batch_is_recovered_by_replay(engine, wait_until):
+@pytest.mark.parametrize("topic", [b"kv@0", None], ids=["vllm-layout", "no-topic-frame"])
+def test_a_dropped_batch_is_recovered_by_replay(engine, wait_until, topic):
     idx = PrefixIndex()
     with KVEventSubscriber(idx, "w", engine.endpoint, engine.replay_endpoint,
                            config=FAST) as sub:
@@ -107,7 +119,7 @@ def test_a_dropped_batch_is_recovered_by_replay(engine, wait_until):
         engine.seq += 1                                   # never sent on the PUB
         later = ARRAY.batch(ARRAY.BlockRemoved([4], None))
         after = engine.send(later)
-        request = engine.serve_replay({first: b"x", lost: dropped, after: later})
+        request = engine.serve_replay({first: b"x", lost: dropped, after: later}, topic=topic)
         assert request[1:] == [b"", lost.to_bytes(8, "big")]
         assert sub.wait_applied(after, 5)
         assert idx.match([1, 2, 3, 4]) == {"w": 3}        # stored by replay, 4 removed live
@@ -178,9 +190,11 @@ def test_a_malformed_payload_is_logged_and_skipped(engine, wait_until, caplog):
         engine.send(ARRAY.batch(ARRAY.stored([1, 2]), ["BlockStored", "oops"]))
         s = engine.send(ARRAY.batch(ARRAY.stored([5, 6])))
         assert sub.wait_applied(s, 5)
-        assert idx.match([5, 6]) == {"w": 2} and idx.match([1]) == {}
+        # The bad event is skipped; the good one in its batch is kept.
+        assert idx.match([5, 6]) == {"w": 2} and idx.match([1, 2]) == {"w": 2}
         assert sub.stats().malformed == 3
         assert "malformed KV-event payload" in caplog.text
+        assert "skipping 1 unreadable KV events" in caplog.text
         s = engine.send(MAP.batch(MAP.stored([8])))
         assert sub.wait_applied(s, 5) and idx.match([8]) == {"w": 1}
 
@@ -217,3 +231,49 @@ def test_publisher_events_reach_the_index_end_to_end(wait_until):
         pub.publish([BlockStored([1, 2]), AllBlocksCleared(), BlockStored([3], None)])
         assert pub.flush(5) and wait_until(lambda: idx.match([3]) == {7: 1})
         assert idx.match([1]) == {}
+
+
+def test_kv_cache_groups_are_stored_and_removed_apart(engine, wait_until):
+    idx = PrefixIndex()
+    with KVEventSubscriber(idx, "w", engine.endpoint, config=FAST) as sub:
+        engine.sync(sub, wait_until)
+        # A hybrid model: the same hashes in a full-attention and a sliding-window group.
+        s = engine.send(VLLM.batch(VLLM.stored([1, 2, 3], group_idx=0),
+                                   VLLM.stored([1, 2, 3], group_idx=1),
+                                   VLLM.BlockRemoved([1], None, 1)))
+        assert sub.wait_applied(s, 5)
+        assert idx.match([1, 2, 3]) == {"w": 3}
+        assert idx.match([1, 2, 3], group=1) == {} and idx.match([2, 3], group=1) == {"w": 2}
+        assert idx.locations(1, group=1) == [] and idx.chain(3, group=1) == [2, 3]
+
+
+def test_a_late_subscriber_replays_the_engines_history(engine, wait_until):
+    history = {engine.send(VLLM.batch(VLLM.stored([1, 2]))): None,
+               engine.send(VLLM.batch(VLLM.stored([3], parent=2))): None,
+               engine.send(VLLM.batch(VLLM.BlockRemoved([3], None))): None}
+    assert len(history) == 3
+    idx = PrefixIndex()
+    with KVEventSubscriber(idx, "w", engine.endpoint, engine.replay_endpoint,
+                           config=FAST) as sub:
+        engine.sync(sub, wait_until)
+        assert idx.match([1, 2, 3]) == {"w": 2}
+        stats = sub.stats()
+        assert stats.joined_history >= 3 and stats.unrecovered_gaps == 0
+
+
+def test_a_malformed_replay_reply_is_counted_and_the_gap_cleared(engine, wait_until):
+    idx = PrefixIndex()
+    with KVEventSubscriber(idx, "w", engine.endpoint, engine.replay_endpoint,
+                           config=SubscriberConfig(poll_ms=10, replay_timeout_s=0.5)) as sub:
+        engine.sync(sub, wait_until)
+        engine.send(VLLM.batch(VLLM.stored([1])))
+        engine.seq += 1
+        s = engine.send(VLLM.batch(VLLM.stored([2])))
+        assert engine.router.poll(5000)
+        client = engine.router.recv_multipart()[0]
+        engine.router.send_multipart([client, b"", b"t", b"short", b"x"])   # seq not 8 bytes
+        engine.router.send_multipart([client, b"only"])
+        assert sub.wait_applied(s, 5)
+        stats = sub.stats()
+        assert stats.malformed == 2 and stats.unrecovered_gaps == 1
+        assert idx.match([1]) == {} and idx.match([2]) == {"w": 1}   # cleared, then applied
