@@ -210,12 +210,12 @@ def test_a_key_too_long_is_refused_before_it_is_sent():
         F.encode_note(F.Note(F.NOTE_LAYERS, b"k" * (F.MAX_KEY + 1), (0,)))
 
 
-@pytest.mark.parametrize("old", [1, 2])  # 2: READ/WRITE without head ranges
-def test_a_peer_speaking_an_older_version_is_refused_naming_both_versions(old):
-    assert F.VERSION == 3
+@pytest.mark.parametrize("old", [1, 2, 3, 5])  # 2: no head ranges; 3: no codecs; 5: newer
+def test_a_peer_speaking_another_version_is_refused_naming_both_versions(old):
+    assert F.VERSION == 4
     conn = Connection()
     conn.receive_data(_header(version=old))
-    with pytest.raises(RemoteProtocolError, match=f"version {old} .*we speak 3"):
+    with pytest.raises(RemoteProtocolError, match=f"version {old} .*we speak 4"):
         conn.next_event()
 
 

@@ -49,6 +49,8 @@ class BackendConfig:
     # Bytes all staging buffers of the backend hold together (None: no limit). Sends wait
     # for room; receives in progress may pass it by one chunk each.
     transfer_buffer_bytes: int | None = None
+    compression: str = "none"  # "none", "lz4", "zstd" or "auto" (two-sided backends)
+    checksum: bool = False  # an xxh3-64 of every chunk, checked before it is placed
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1 or self.max_inflight < 1 or self.connect_timeout <= 0 \

@@ -33,6 +33,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Optional
 
+from ..codec import Agreement, CodecSession
 from ..errors import AgentClosed, KvxferError, PeerUnreachable, RemoteError, RemoteProtocolError
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
@@ -41,6 +42,7 @@ from ..protocol import CLOSED, Close, Completion, Connection, Data, Error, ReadR
 from ..scheduler import ChunkQueue, Part
 from .base import BackendPeer
 from .channel import Abandoned, Channel
+from .codec_io import encode_chunk, packed_raw, place, receive_decoded
 from .staging import Staging
 
 if TYPE_CHECKING:
@@ -55,7 +57,7 @@ class ClientSide(BackendPeer):
     """Our connection to one peer: a sender thread and a reader thread."""
 
     def __init__(self, backend: "TwoSidedBackend", channel: Channel, encoder: Connection,
-                 name: str) -> None:
+                 name: str, agreement: Agreement = Agreement()) -> None:
         self.backend = backend
         self.name = name
         self.channel = channel
@@ -66,6 +68,8 @@ class ClientSide(BackendPeer):
         self._dead: Optional[BaseException] = None
         self._send_staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
         self._recv_staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
+        self._codec_staging = Staging(self.memory, None, backend.staging_budget)  # host
+        self.codec = CodecSession(agreement, self.memory.layout.dtype.itemsize)
         tag = f"{backend.agent_name}->{name}"
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"kvxfer-{backend.name}-send[{tag}]")
@@ -128,6 +132,7 @@ class ClientSide(BackendPeer):
         self.channel.close()
         self._send_staging.release()
         self._recv_staging.release()
+        self._codec_staging.release()
         self.backend._forget_client(self)
 
     # ----------------------------------------------------------------- sending
@@ -177,6 +182,16 @@ class ClientSide(BackendPeer):
         if handle.op == "read":
             self.channel.send(self.encoder.send(ReadRequest(rid, item.index, item.layers,
                                                             item.remote_runs, theirs)))
+            return
+        if self.codec.active:  # packed on the host under the lock, encoded from our copy
+            with packed_raw(self.memory, self._codec_staging, item.layers, item.local_runs,
+                            mine, item.nbytes, guard=handle) as raw:
+                payload, enc, tried, began = encode_chunk(self.codec, raw)
+                size = memoryview(payload).nbytes  # type: ignore[arg-type]
+                self.channel.send(self.encoder.send(
+                    Write(rid, item.index, item.layers, item.remote_runs, size, False, b"",
+                          theirs, enc), [payload]))
+            self.codec.sent(tried, item.nbytes, size, began)
             return
         frame = Write(rid, item.index, item.layers, item.remote_runs, item.nbytes, False, b"",
                       theirs)
@@ -228,10 +243,19 @@ class ClientSide(BackendPeer):
             raise RemoteProtocolError(f"DATA for unknown request {d.request_id} chunk {d.chunk}")
         handle, chunk = entry
         mine = handle.heads.local if handle.heads else None
-        if d.payload_len != chunk.nbytes:
-            raise RemoteProtocolError(f"DATA of {d.payload_len} bytes for a chunk of "
+        raw_len = d.payload_len if d.enc is None else d.enc.raw_len
+        if raw_len != chunk.nbytes:
+            raise RemoteProtocolError(f"DATA of {raw_len} bytes for a chunk of "
                                       f"{chunk.nbytes}")
-        if not handle.active:
+        if d.enc is not None:  # decoded and verified before a byte is placed
+            try:
+                raw = receive_decoded(self.channel, d.payload_len, d.enc)
+            except RemoteProtocolError as exc:  # this transfer's failure, not the link's
+                self._finish(d.request_id, d.chunk)
+                handle.fail(exc)
+                return
+            placed = place(self.memory, chunk.layers, chunk.local_runs, raw, mine, handle)
+        elif not handle.active:
             self.channel.drain_payload()
             placed = False
         elif self.memory.stages(chunk.local_runs, mine):  # the payload lands in our buffer

@@ -28,11 +28,13 @@ import threading
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
+from ..codec import Agreement, CodecSession
 from ..errors import BlockOutOfRange, KvxferError, LayoutMismatch, RemoteProtocolError
 from ..memory import RegisteredMemory
-from ..protocol import (CLOSED, E_BACKLOG, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE,
+from ..protocol import (CLOSED, E_BACKLOG, E_CODEC, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE,
                         Close, Completion, Connection, Data, Error, Hello, ReadRequest, Write)
 from .channel import Channel
+from .codec_io import encode_chunk, packed_raw, place, receive_decoded
 from .staging import Staging
 
 if TYPE_CHECKING:
@@ -52,6 +54,8 @@ class ServerSide:
         self.memory: RegisteredMemory = backend._memory  # type: ignore[assignment]
         self.encoder = Connection(expect_hello=False)
         self.staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
+        self.host_staging = Staging(self.memory, None, backend.staging_budget)  # codec
+        self.codec = CodecSession(Agreement(), 1)  # set by the HELLO
         self.peer = "?"
         # Writes with a refused chunk: their notify is not delivered. Bounded (oldest
         # forgotten), since a writer that gave up never sends the last frame.
@@ -75,7 +79,9 @@ class ServerSide:
                 log.warning("refusing peer %r: %s", self.peer, exc)
                 self.send(Error(0, 0, E_LAYOUT, str(exc)))
                 return
-            self.send(Hello(self.backend.agent_name, self.memory.descriptor_bytes))
+            self.codec = CodecSession(self.backend.agree(self.peer, hello, initiator=False),
+                                      self.memory.layout.dtype.itemsize)
+            self.send(self.backend.hello())
             self.channel.established()
             self.channel.set_timeout(None)
             self.serve()
@@ -93,6 +99,7 @@ class ServerSide:
             self.channel.shutdown()
             self.channel.close()
             self.staging.release()
+            self.host_staging.release()
             self.backend._forget(self)
 
     def serve(self) -> None:
@@ -129,6 +136,14 @@ class ServerSide:
         except BlockOutOfRange as exc:
             self.send(Error(req.request_id, req.chunk, E_RANGE, str(exc)))
             return
+        if self.codec.active:  # packed on the host, encoded, sent from our copy
+            with packed_raw(self.memory, self.host_staging, req.layers, req.runs, req.heads,
+                            nbytes) as raw:
+                payload, enc, tried, began = encode_chunk(self.codec, raw)
+                size = memoryview(payload).nbytes  # type: ignore[arg-type]
+                self.send(Data(req.request_id, req.chunk, size, enc), (payload,))
+            self.codec.sent(tried, nbytes, size, began)
+            return
         if self.memory.stages(req.runs, req.heads):  # a head slice: only those heads
             with self.staging.use(nbytes) as (tensor, view):
                 self.memory.pack_into(req.layers, req.runs, tensor, req.heads)
@@ -153,10 +168,21 @@ class ServerSide:
             nbytes = self.memory.check(w.layers, w.runs, w.heads)
         except BlockOutOfRange as exc:
             return self.refuse_write(w, E_RANGE, str(exc))
-        if nbytes != w.payload_len:
-            return self.refuse_write(w, E_SIZE, f"write carries {w.payload_len} bytes for a "
+        raw_len = w.payload_len if w.enc is None else w.enc.raw_len
+        if nbytes != raw_len:
+            return self.refuse_write(w, E_SIZE, f"write carries {raw_len} bytes for a "
                                                 f"chunk of {nbytes}")
-        if w.runs and self.memory.stages(w.runs, w.heads):
+        if w.runs and w.enc is not None:  # decoded and verified before a byte is placed
+            try:
+                raw = receive_decoded(self.channel, w.payload_len, w.enc)
+            except RemoteProtocolError as exc:
+                log.warning("refusing chunk %d of write #%d from %r: %s", w.chunk,
+                            w.request_id, self.peer, exc)
+                self.remember_refused(w.request_id)
+                self.send(Error(w.request_id, w.chunk, E_CODEC, str(exc)))
+                return
+            place(self.memory, w.layers, w.runs, raw, w.heads, None)
+        elif w.runs and self.memory.stages(w.runs, w.heads):
             with self.staging.use(nbytes, wait=False) as (tensor, view):
                 self.channel.recv_payload([view])
                 self.memory.unpack_from(w.layers, w.runs, tensor, w.heads)

@@ -33,12 +33,14 @@ every two-sided backend and split by role:
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import abstractmethod
 from typing import Optional
 
 import torch
 
+from ..codec import Agreement, Offer, agree, available_codecs, check_mode
 from ..errors import AgentClosed, LayoutMismatch, PeerUnreachable, ProtocolError, RemoteError
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
@@ -48,6 +50,8 @@ from .channel import Abandoned, Channel, Guard
 from .client import ClientSide
 from .server import ServerSide
 from .staging import Staging, StagingBudget
+
+log = logging.getLogger("kvxfer.twosided")
 
 __all__ = ["Abandoned", "Channel", "ClientSide", "Guard", "ServerSide", "Staging",
            "TwoSidedBackend"]
@@ -74,6 +78,24 @@ class TwoSidedBackend(Backend):
         self._clients: set[ClientSide] = set()
         # Every staging buffer of this backend together (transfer_buffer_bytes).
         self.staging_budget = StagingBudget(config.transfer_buffer_bytes)
+        # What we say in HELLO: the compression we want, checksums, what we decode.
+        self.offer = Offer(check_mode(config.compression), config.checksum,
+                           available_codecs())
+
+    def hello(self) -> Hello:
+        """Our HELLO: name, layout and codec offer."""
+        assert self._memory is not None
+        return Hello(self.agent_name, self._memory.descriptor_bytes,
+                     checksum=self.offer.checksum, compression=self.offer.mode,
+                     codecs=self.offer.codecs)
+
+    def agree(self, peer: str, theirs: Hello, initiator: bool) -> Agreement:
+        """The connection's codec, from our offer and the peer's HELLO."""
+        other = Offer(theirs.compression, theirs.checksum, theirs.codecs)
+        a = agree(self.offer, other) if initiator else agree(other, self.offer)
+        if a.note:
+            log.warning("connection %s %r: %s", "to" if initiator else "from", peer, a.note)
+        return a
 
     # -------------------------------------------------------- transport hooks
     @abstractmethod
@@ -111,7 +133,7 @@ class TwoSidedBackend(Backend):
         try:
             encoder = Connection(expect_hello=False)
             channel.set_timeout(self.config.connect_timeout)
-            channel.send(encoder.send(Hello(self.agent_name, self._memory.descriptor_bytes)))
+            channel.send(encoder.send(self.hello()))
             reply = channel.next_event()
             if isinstance(reply, Error):
                 if reply.code == E_LAYOUT:
@@ -122,6 +144,7 @@ class TwoSidedBackend(Backend):
             if not isinstance(reply, Hello):
                 raise PeerUnreachable(f"peer {peer.name!r} closed the connection during hello")
             self._memory.check_peer(reply.descriptor)
+            agreement = self.agree(peer.name, reply, initiator=True)
             channel.established()
             channel.set_timeout(None)
         except (OSError, ProtocolError) as exc:
@@ -132,7 +155,7 @@ class TwoSidedBackend(Backend):
             channel.shutdown()
             channel.close()
             raise
-        client = ClientSide(self, channel, encoder, peer.name)
+        client = ClientSide(self, channel, encoder, peer.name, agreement)
         with self._lock:
             closed = self._closed
             if not closed:

@@ -1,12 +1,12 @@
 """The kvxfer wire protocol, free of I/O: frames <-> bytes. See frames.py for the layout."""
 
 from .connection import CLOSED, NEED_DATA, Connection, Event, PayloadData
-from .frames import (E_BACKLOG, E_CLOSING, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, HEADER_SIZE,
+from .frames import (E_BACKLOG, E_CODEC, E_CLOSING, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, HEADER_SIZE,
                      MAGIC, NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, VERSION, Close, Completion,
-                     Data, Error, Frame, Hello, Note, ReadRequest, Write, decode_note, encode_note)
+                     Data, Encoding, Error, Frame, Hello, Note, ReadRequest, Write, decode_note, encode_note)
 
 __all__ = [
-    "CLOSED", "Close", "Completion", "Connection", "Data", "E_BACKLOG", "E_CLOSING", "E_INTERNAL",
+    "CLOSED", "Close", "Completion", "Connection", "Data", "E_BACKLOG", "E_CODEC", "Encoding", "E_CLOSING", "E_INTERNAL",
     "E_LAYOUT", "E_PROTOCOL", "E_RANGE", "E_SIZE", "Error", "Event", "Frame", "HEADER_SIZE", "Hello",
     "MAGIC", "NEED_DATA", "NOTE_FINISHED", "NOTE_LAYERS", "NOTE_USER", "Note", "PayloadData",
     "ReadRequest", "VERSION", "Write", "decode_note", "encode_note",
