@@ -243,9 +243,14 @@ class ClientSide(BackendPeer):
             raise RemoteProtocolError(f"DATA for unknown request {d.request_id} chunk {d.chunk}")
         handle, chunk = entry
         mine = handle.heads.local if handle.heads else None
-        raw_len = d.payload_len if d.enc is None else d.enc.raw_len
-        if raw_len != chunk.nbytes:
-            raise RemoteProtocolError(f"DATA of {raw_len} bytes for a chunk of "
+        if d.enc is not None and d.enc.raw_len != chunk.nbytes:  # the stream is in step:
+            self.channel.drain_payload()  # only this transfer fails
+            self._finish(d.request_id, d.chunk)
+            handle.fail(RemoteProtocolError(f"DATA announced as {d.enc.raw_len} raw bytes "
+                                            f"for a chunk of {chunk.nbytes}; nothing placed"))
+            return
+        if d.payload_len != chunk.nbytes and d.enc is None:
+            raise RemoteProtocolError(f"DATA of {d.payload_len} bytes for a chunk of "
                                       f"{chunk.nbytes}")
         if d.enc is not None:  # decoded and verified before a byte is placed
             try:
