@@ -331,6 +331,13 @@ class CodecSession:
         """Chunks go through the codec (compressed, checksummed or both)."""
         return self.agreement.active
 
+    def next_encoded(self) -> bool:
+        """Whether the next chunk goes through the codec; when not (``auto`` sending
+        uncompressed, no checksums), it takes the backend's zero-copy path, and
+        :meth:`sent` is still told of it."""
+        a = self.agreement
+        return a.checksum or (a.codec != NONE and (self.auto is None or self.auto.choose()))
+
     def encode(self, raw: memoryview) -> tuple[object, Encoding, bool]:
         """(payload buffer, its Encoding, tried) of one raw chunk; ``tried``: it went
         through the compressor (its payload may still be the raw bytes, when those are

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Optional
 
 from ..codec import Agreement, CodecSession
@@ -183,7 +184,7 @@ class ClientSide(BackendPeer):
             self.channel.send(self.encoder.send(ReadRequest(rid, item.index, item.layers,
                                                             item.remote_runs, theirs)))
             return
-        if self.codec.active:  # packed on the host under the lock, encoded from our copy
+        if self.codec.next_encoded():  # packed on the host under the lock, encoded
             with packed_raw(self.memory, self._codec_staging, item.layers, item.local_runs,
                             mine, item.nbytes, guard=handle) as raw:
                 payload, enc, tried, began = encode_chunk(self.codec, raw)
@@ -195,16 +196,18 @@ class ClientSide(BackendPeer):
             return
         frame = Write(rid, item.index, item.layers, item.remote_runs, item.nbytes, False, b"",
                       theirs)
+        began = time.perf_counter()
         if not self.memory.stages(item.local_runs, mine):
             payload = self.memory.host_buffers(item.layers, item.local_runs, mine)
             self.channel.send(self.encoder.send(frame, payload), guard=handle)
-            return
-        with self._send_staging.use(item.nbytes) as (tensor, view):
-            with handle.data_lock:
-                if not handle.active:
-                    raise Abandoned(0)
-                self.memory.pack_into(item.layers, item.local_runs, tensor, mine)
-            self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard
+        else:
+            with self._send_staging.use(item.nbytes) as (tensor, view):
+                with handle.data_lock:
+                    if not handle.active:
+                        raise Abandoned(0)
+                    self.memory.pack_into(item.layers, item.local_runs, tensor, mine)
+                self.channel.send(self.encoder.send(frame, [view]))  # our copy: no guard
+        self.codec.sent(False, item.nbytes, item.nbytes, began)  # auto measures it too
 
     # ----------------------------------------------------------------- reading
     def _read_loop(self) -> None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -136,7 +137,7 @@ class ServerSide:
         except BlockOutOfRange as exc:
             self.send(Error(req.request_id, req.chunk, E_RANGE, str(exc)))
             return
-        if self.codec.active:  # packed on the host, encoded, sent from our copy
+        if self.codec.next_encoded():  # packed on the host, encoded, sent from our copy
             with packed_raw(self.memory, self.host_staging, req.layers, req.runs, req.heads,
                             nbytes) as raw:
                 payload, enc, tried, began = encode_chunk(self.codec, raw)
@@ -144,13 +145,15 @@ class ServerSide:
                 self.send(Data(req.request_id, req.chunk, size, enc), (payload,))
             self.codec.sent(tried, nbytes, size, began)
             return
+        began = time.perf_counter()
         if self.memory.stages(req.runs, req.heads):  # a head slice: only those heads
             with self.staging.use(nbytes) as (tensor, view):
                 self.memory.pack_into(req.layers, req.runs, tensor, req.heads)
                 self.send(Data(req.request_id, req.chunk, nbytes), (view,))
-            return
-        self.send(Data(req.request_id, req.chunk, nbytes),
-                  tuple(self.memory.host_buffers(req.layers, req.runs, req.heads)))
+        else:
+            self.send(Data(req.request_id, req.chunk, nbytes),
+                      tuple(self.memory.host_buffers(req.layers, req.runs, req.heads)))
+        self.codec.sent(False, nbytes, nbytes, began)  # auto measures this setting too
 
     def remember_refused(self, request_id: int) -> None:
         self.refused[request_id] = None
