@@ -59,14 +59,14 @@ def codec_table(n_chunks: int = 8) -> None:
 
     cands = {
         "lz4 alone": lambda a, e: lz4c(a),
-        "byte shuffle (numcodecs) + lz4": lambda a, e: lz4c(numcodecs.Shuffle(e).encode(a)),
-        "bit shuffle (bitshuffle) + lz4 [kvxfer lz4]":
+        "byte shuffle (numcodecs) + lz4 (lz4 pkg)":
+            lambda a, e: lz4c(numcodecs.Shuffle(e).encode(a)),
+        "bit shuffle (bitshuffle) + lz4 (lz4 pkg)":
+            lambda a, e: lz4c(bitshuffle.bitshuffle(a.view(f"u{e}"))),
+        "bit shuffle + lz4-1 (blosc2) [kvxfer lz4]":
             lambda a, e: C.encode(memoryview(a), C.LZ4, e)[0],
         "byte shuffle + zstd-1 (blosc2) [kvxfer zstd]":
             lambda a, e: C.encode(memoryview(a), C.ZSTD, e)[0],
-        "bit shuffle + lz4 (blosc2, fused)":
-            lambda a, e: blosc2.compress2(a, typesize=e, clevel=1, codec=blosc2.Codec.LZ4,
-                                          filters=[blosc2.Filter.BITSHUFFLE]),
     }
     shuffles = {"numcodecs.Shuffle (byte)": lambda a, e: numcodecs.Shuffle(e).encode(a),
                 "bitshuffle.bitshuffle (bit)":
