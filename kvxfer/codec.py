@@ -19,8 +19,8 @@ Every chunk travels as one frame payload; its ENC field (protocol version 4) say
   package followed by the ``lz4`` package (ratio 1.28, ~0.3 GB/s, which made a 1 Gbit/s
   read slower than sending the raw bytes: 80 MB/s against 119).
 - ``auto``: per connection and direction, :class:`AutoPolicy` measures the rate at which
-  raw bytes actually go out with and without compression, compresses only while that is
-  faster, and probes the other setting from time to time.
+  raw bytes actually go out uncompressed, with lz4 and with zstd, uses the fastest, and
+  tries its neighbours again from time to time.
 - Checksums: xxh3-64 of the raw chunk, computed before encoding and checked after
   decoding, before a byte reaches the KV cache.
 
@@ -91,8 +91,8 @@ class Agreement:
     """What a connection does, the same on both sides.
 
     Attributes:
-        mode: NONE, LZ4, ZSTD (always that codec) or AUTO (``codec`` when it pays).
-        codec: the codec used when compressing (NONE if none is shared).
+        mode: NONE, LZ4, ZSTD (always that codec) or AUTO (a rung of ``ladder``).
+        codec: the codec used when compressing (auto: its first; NONE if none is shared).
         checksum: every chunk carries an xxh3-64 of its raw bytes.
         note: why the connection does less than was asked ("" when it does not).
     """
@@ -101,6 +101,7 @@ class Agreement:
     codec: int = NONE
     checksum: bool = False
     note: str = ""
+    ladder: tuple[int, ...] = (NONE,)  # auto: the settings it chooses among
 
     @property
     def active(self) -> bool:
@@ -127,7 +128,8 @@ def agree(initiator: Offer, acceptor: Offer) -> Agreement:
     else:
         codec = NONE
     return Agreement(mode if codec != NONE else NONE, codec,
-                     initiator.checksum or acceptor.checksum, note)
+                     initiator.checksum or acceptor.checksum, note,
+                     (NONE, *shared) if mode == AUTO and shared else (NONE,))
 
 
 # -------------------------------------------------------------- the codecs
@@ -208,82 +210,104 @@ def _decode_blosc2(payload: memoryview | bytes, enc: Encoding) -> np.ndarray:
 
 # ------------------------------------------------------------------- auto
 class AutoPolicy:
-    """Compress or not, per connection and direction, by what is measured.
+    """Which setting the next chunk goes with, per connection and direction, by what is
+    measured on the chunks actually sent.
 
-    Each chunk's sample is the rate at which its raw bytes went out: raw bytes over the
-    time from when it could start (its request came, or the previous chunk went) to when
-    its frame was sent, so encoding time, a slow link and a slow receiver (its TCP
-    window) all count. An EWMA per setting is kept. The connection opens with ``probe``
-    chunks uncompressed, then ``probe`` compressed, then uses the faster; every
-    ``period`` chunks it tries the other for ``probe`` chunks again (the first sample of a
-    phase, which still pays for the previous setting's queued bytes, is not counted). A
-    probe of compression that comes out clearly slower ends at once, so a probe costs
-    a few chunks at most.
+    Settings form a ladder, each compressing harder and slower than the one before:
+    ``(NONE, LZ4, ZSTD)`` or those of it both sides have. A chunk's sample is the rate at
+    which its raw bytes went out: raw bytes over the time from when it could start (its
+    request came, or the previous chunk went) to when its frame was sent, so encoding,
+    a slow link and a slow receiver (its TCP window) all count; an EWMA per setting is
+    kept. The connection opens with ``probe`` chunks uncompressed, then climbs the
+    ladder while each rung is faster than the one below; it then runs the fastest and
+    every ``period`` chunks tries a neighbour of it again (data and links change). The
+    first sample of a phase, which still pays for the previous setting's queued bytes,
+    is not counted; a probe whose encoding alone is slower than the best rate, or whose
+    first sample is clearly slower, ends at once, so a probe costs a chunk or two.
     """
 
-    def __init__(self, probe: int = 4, period: int = 64, alpha: float = 0.3) -> None:
-        self.probe, self.period, self.alpha = probe, period, alpha
-        self.rate: dict[bool, Optional[float]] = {False: None, True: None}
-        self.ratio: Optional[float] = None  # raw / payload of compressed chunks (EWMA)
-        self.on = False  # the setting of the next chunk
-        self.phase = "open"  # open (off, then on), probe (the other), run (the best)
-        self.switches = 0  # how often the setting changed after the opening
+    def __init__(self, ladder: tuple[int, ...] = (NONE, LZ4), probe: int = 4,
+                 period: int = 64, alpha: float = 0.3) -> None:
+        self.ladder, self.probe, self.period, self.alpha = ladder, probe, period, alpha
+        self.rate: dict[int, Optional[float]] = {c: None for c in ladder}
+        self.ratio: dict[int, float] = {}  # raw / payload per codec (EWMA)
+        self.cur = 0  # index of the rung the next chunk uses
+        self.best = 0  # index of the rung to run
+        self.phase = "open"  # open (climbing), probe (a neighbour), run (the best)
+        self.switches = 0  # how often the best rung changed after the opening
         self._left = probe  # chunks left in this phase
         self._skip = 1  # samples still to drop in this phase
         self._since = 0  # chunks since the last probe
+        self._side = 1  # the neighbour the next probe tries (+1 or -1)
         self._prev_end = 0.0
 
-    def choose(self) -> bool:
-        """Whether the next chunk is compressed."""
-        return self.on
+    def choose(self) -> int:
+        """The codec of the next chunk (NONE: uncompressed)."""
+        return self.ladder[self.cur]
 
-    def record(self, compressed: bool, raw: int, payload: int, began: float,
-               ended: float) -> None:
-        """One chunk went: ``raw`` bytes as ``payload`` bytes, from ``began`` to ``ended``."""
+    def _r(self, i: int) -> float:
+        return self.rate[self.ladder[i]] or 0.0
+
+    def record(self, codec: int, raw: int, payload: int, began: float, ended: float,
+               encode_s: float = 0.0) -> None:
+        """One chunk went with ``codec``: ``raw`` bytes as ``payload`` bytes, from
+        ``began`` to ``ended``; ``encode_s`` of it was spent encoding."""
         start = max(began, self._prev_end)
         self._prev_end = ended
-        if compressed:
-            r = raw / max(payload, 1)
-            self.ratio = r if self.ratio is None else self.ratio + self.alpha * (r - self.ratio)
+        if codec != NONE:
+            r, old = raw / max(payload, 1), self.ratio.get(codec)
+            self.ratio[codec] = r if old is None else old + self.alpha * (r - old)
+        if codec != self.ladder[self.cur]:
+            return  # a chunk decided before the last switch
+        sample = raw / max(ended - start, 1e-6)
+        counted = not self._skip
         if self._skip:
             self._skip -= 1
         else:
-            sample = raw / max(ended - start, 1e-6)
-            old = self.rate[compressed]
-            self.rate[compressed] = sample if old is None else old + self.alpha * (sample - old)
+            old = self.rate[codec]
+            self.rate[codec] = sample if old is None else old + self.alpha * (sample - old)
         self._left -= 1
-        on, off = self.rate[True], self.rate[False]
-        if self.phase != "run" and self.on and on is not None and off is not None \
-                and on < 0.8 * off:
-            self._left = 0  # compression is clearly slower: stop paying for this probe
-        if self._left > 0:
-            return
-        if self.phase == "open" and not self.on:
-            self._set(True, self.probe)
-        elif self.phase == "run" and self._since >= self.period:
-            self.phase, self._since = "probe", 0
-            self._set(not self.on, self.probe)
-        else:
-            self.phase = "run"
-            self._since += 1
-            self._set(self._best(), 1)
+        if self.cur != self.best and self.rate[self.ladder[self.best]]:
+            bar = self._r(self.best)
+            if (encode_s and raw / encode_s < 0.9 * bar) or \
+                    (counted and self._r(self.cur) < 0.8 * bar):
+                self._left = 0  # cannot win: stop paying for this probe
+        if self._left <= 0:
+            self._next_phase()
 
-    def _best(self) -> bool:
-        on, off = self.rate[True], self.rate[False]
-        if on is None or off is None:
-            return off is None
-        margin = 1.0 if self.phase != "run" else 1.1  # between probes: switch on a clear gain
-        return on > off * margin if not self.on else not off > on * margin
-
-    def _set(self, on: bool, left: int) -> None:
-        if on != self.on:
-            if self.phase == "run":
+    def _next_phase(self) -> None:
+        if self.phase == "open":
+            if self.cur > 0 and self._r(self.cur) <= self._r(self.cur - 1):
+                self.best = self.cur - 1  # this rung is slower: stop climbing
+            elif self.cur + 1 < len(self.ladder):
+                self.best = self.cur
+                return self._go(self.cur + 1, self.probe, "open")
+            else:
+                self.best = self.cur
+            return self._go(self.best, 1, "run")
+        if self.phase == "probe":
+            faster = self._r(self.cur) > self._r(self.best)
+            if faster:
                 self.switches += 1
-                log.debug("auto: compression %s (%.0f MB/s on, %.0f off, ratio %.2f)",
-                          "on" if on else "off", (self.rate[True] or 0) / 1e6,
-                          (self.rate[False] or 0) / 1e6, self.ratio or 0)
+                log.debug("auto: %s now (%s)", MODE_NAMES[self.ladder[self.cur]],
+                          {MODE_NAMES[c]: round((r or 0) / 1e6) for c, r in self.rate.items()})
+                self.best = self.cur
+            return self._go(self.best, 1, "run")
+        self._since += 1
+        if self._since >= self.period and len(self.ladder) > 1:
+            self._since = 0
+            side = self._side if 0 <= self.best + self._side < len(self.ladder) \
+                else -self._side
+            self._side = -side
+            return self._go(self.best + side, self.probe, "probe")
+        self._go(self.best, 1, "run")
+
+    def _go(self, index: int, left: int, phase: str) -> None:
+        if index != self.cur:
             self._skip = 1
-        self.on, self._left = on, left
+        if phase != "run":
+            self.rate[self.ladder[index]] = None  # measure it afresh
+        self.cur, self._left, self.phase = index, left, phase
 
 
 # ---------------------------------------------------------------- sessions
@@ -298,38 +322,43 @@ class CodecSession:
     def __init__(self, agreement: Agreement, elem: int) -> None:
         self.agreement = agreement
         self.elem = elem
-        self.auto = AutoPolicy() if agreement.mode == AUTO else None
+        self.auto = AutoPolicy(agreement.ladder) if agreement.mode == AUTO else None
         self.compressed_chunks = 0  # chunks sent compressed
         self.raw_chunks = 0  # chunks sent as they are
+        self._encode_s = 0.0  # seconds the last encode took
 
     @property
     def active(self) -> bool:
         """Chunks go through the codec (compressed, checksummed or both)."""
         return self.agreement.active
 
+    def _codec(self) -> int:
+        return self.auto.choose() if self.auto is not None else self.agreement.codec
+
     def next_encoded(self) -> bool:
         """Whether the next chunk goes through the codec; when not (``auto`` sending
         uncompressed, no checksums), it takes the backend's zero-copy path, and
         :meth:`sent` is still told of it."""
-        a = self.agreement
-        return a.checksum or (a.codec != NONE and (self.auto is None or self.auto.choose()))
+        return self.agreement.checksum or self._codec() != NONE
 
-    def encode(self, raw: memoryview) -> tuple[object, Encoding, bool]:
-        """(payload buffer, its Encoding, tried) of one raw chunk; ``tried``: it went
-        through the compressor (its payload may still be the raw bytes, when those are
-        smaller)."""
-        a = self.agreement
-        sum_ = checksum(raw) if a.checksum else None
-        on = a.codec != NONE and (self.auto.choose() if self.auto is not None else True)
-        if on:
-            payload, shuffle = encode(raw, a.codec, self.elem)
+    def encode(self, raw: memoryview) -> tuple[object, Encoding, int]:
+        """(payload buffer, its Encoding, the codec tried) of one raw chunk; the
+        payload is the raw bytes when compressing did not make them smaller."""
+        t0 = time.perf_counter()
+        sum_ = checksum(raw) if self.agreement.checksum else None
+        codec = self._codec()
+        if codec != NONE:
+            payload, shuffle = encode(raw, codec, self.elem)
+            self._encode_s = time.perf_counter() - t0
             if len(payload) < raw.nbytes:  # never send more than the raw bytes
                 self.compressed_chunks += 1
-                return payload, Encoding(a.codec, shuffle, self.elem, raw.nbytes, sum_), True
+                return payload, Encoding(codec, shuffle, self.elem, raw.nbytes, sum_), codec
+        self._encode_s = 0.0
         self.raw_chunks += 1
-        return raw, Encoding(NONE, SHUFFLE_NONE, 1, raw.nbytes, sum_), on
+        return raw, Encoding(NONE, SHUFFLE_NONE, 1, raw.nbytes, sum_), codec
 
-    def sent(self, compressed: bool, raw: int, payload: int, began: float) -> None:
-        """A chunk's frame went out (for ``auto``)."""
+    def sent(self, codec: int, raw: int, payload: int, began: float) -> None:
+        """A chunk's frame went out with ``codec`` tried (for ``auto``)."""
         if self.auto is not None:
-            self.auto.record(compressed, raw, payload, began, time.perf_counter())
+            self.auto.record(codec, raw, payload, began, time.perf_counter(),
+                             self._encode_s if codec != NONE else 0.0)

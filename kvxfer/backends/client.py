@@ -34,7 +34,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Optional
 
-from ..codec import Agreement, CodecSession
+from ..codec import NONE, Agreement, CodecSession
 from ..errors import AgentClosed, KvxferError, PeerUnreachable, RemoteError, RemoteProtocolError
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
@@ -207,7 +207,7 @@ class ClientSide(BackendPeer):
                         raise Abandoned(0)
                     self.memory.pack_into(item.layers, item.local_runs, tensor, mine)
                 self.channel.send(self.encoder.send(frame, [view]))  # our copy: no guard
-        self.codec.sent(False, item.nbytes, item.nbytes, began)  # auto measures it too
+        self.codec.sent(NONE, item.nbytes, item.nbytes, began)  # auto measures it too
 
     # ----------------------------------------------------------------- reading
     def _read_loop(self) -> None:

@@ -29,7 +29,7 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..codec import Agreement, CodecSession
+from ..codec import NONE, Agreement, CodecSession
 from ..errors import BlockOutOfRange, KvxferError, LayoutMismatch, RemoteProtocolError
 from ..memory import RegisteredMemory
 from ..protocol import (CLOSED, E_BACKLOG, E_CODEC, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE,
@@ -153,7 +153,7 @@ class ServerSide:
         else:
             self.send(Data(req.request_id, req.chunk, nbytes),
                       tuple(self.memory.host_buffers(req.layers, req.runs, req.heads)))
-        self.codec.sent(False, nbytes, nbytes, began)  # auto measures this setting too
+        self.codec.sent(NONE, nbytes, nbytes, began)  # auto measures this setting too
 
     def remember_refused(self, request_id: int) -> None:
         self.refused[request_id] = None
