@@ -222,12 +222,13 @@ class AutoPolicy:
     ladder while each rung is faster than the one below; it then runs the fastest and
     every ``period`` chunks tries a neighbour of it again (data and links change). The
     first sample of a phase, which still pays for the previous setting's queued bytes,
-    is not counted; a probe whose encoding alone is slower than the best rate, or whose
+    is not counted, nor is a chunk that found the sender idle (its send only filled an
+    empty socket buffer); a probe whose encoding alone is slower than the best rate, or whose
     first sample is clearly slower, ends at once, so a probe costs a chunk or two.
     """
 
     def __init__(self, ladder: tuple[int, ...] = (NONE, LZ4), probe: int = 4,
-                 period: int = 64, alpha: float = 0.3) -> None:
+                 period: int = 32, alpha: float = 0.3) -> None:
         self.ladder, self.probe, self.period, self.alpha = ladder, probe, period, alpha
         self.rate: dict[int, Optional[float]] = {c: None for c in ladder}
         self.ratio: dict[int, float] = {}  # raw / payload per codec (EWMA)
@@ -252,7 +253,8 @@ class AutoPolicy:
                encode_s: float = 0.0) -> None:
         """One chunk went with ``codec``: ``raw`` bytes as ``payload`` bytes, from
         ``began`` to ``ended``; ``encode_s`` of it was spent encoding."""
-        start = max(began, self._prev_end)
+        idle = began > self._prev_end  # the sender waited for work: its socket buffer
+        start = max(began, self._prev_end)  # may have drained, and this send was cheap
         self._prev_end = ended
         if codec != NONE:
             r, old = raw / max(payload, 1), self.ratio.get(codec)
@@ -260,10 +262,10 @@ class AutoPolicy:
         if codec != self.ladder[self.cur]:
             return  # a chunk decided before the last switch
         sample = raw / max(ended - start, 1e-6)
-        counted = not self._skip
+        counted = not self._skip and not idle
         if self._skip:
             self._skip -= 1
-        else:
+        elif counted:
             old = self.rate[codec]
             self.rate[codec] = sample if old is None else old + self.alpha * (sample - old)
         self._left -= 1
