@@ -44,6 +44,7 @@ log = logging.getLogger("kvxfer.codec")
 
 NONE, LZ4, ZSTD = 0, 1, 2  # codec ids on the wire
 AUTO = 3  # a mode, not a codec
+IDLE = 0.001  # seconds a sender waits for work before its next chunk is not a sample
 SHUFFLE_NONE, SHUFFLE_BYTE, SHUFFLE_BIT = 0, 1, 2
 MODES = {"none": NONE, "lz4": LZ4, "zstd": ZSTD, "auto": AUTO}
 MODE_NAMES = {v: k for k, v in MODES.items()}
@@ -250,11 +251,12 @@ class AutoPolicy:
         return self.rate[self.ladder[i]] or 0.0
 
     def record(self, codec: int, raw: int, payload: int, began: float, ended: float,
-               encode_s: float = 0.0) -> None:
+               encode_s: float = 0.0, idle: bool = False) -> None:
         """One chunk went with ``codec``: ``raw`` bytes as ``payload`` bytes, from
-        ``began`` to ``ended``; ``encode_s`` of it was spent encoding."""
-        idle = began > self._prev_end  # the sender waited for work: its socket buffer
-        start = max(began, self._prev_end)  # may have drained, and this send was cheap
+        ``began`` to ``ended``; ``encode_s`` of it was spent encoding; ``idle``: the
+        sender had waited for it (its socket buffer may have drained, so its send was
+        cheap: not a sample)."""
+        start = max(began, self._prev_end)
         self._prev_end = ended
         if codec != NONE:
             r, old = raw / max(payload, 1), self.ratio.get(codec)
@@ -328,6 +330,7 @@ class CodecSession:
         self.compressed_chunks = 0  # chunks sent compressed
         self.raw_chunks = 0  # chunks sent as they are
         self._encode_s = 0.0  # seconds the last encode took
+        self._began, self._idle = time.perf_counter(), True  # the current chunk's start
 
     @property
     def active(self) -> bool:
@@ -359,8 +362,12 @@ class CodecSession:
         self.raw_chunks += 1
         return raw, Encoding(NONE, SHUFFLE_NONE, 1, raw.nbytes, sum_), codec
 
-    def sent(self, codec: int, raw: int, payload: int, began: float) -> None:
+    def took_work(self, waited: float) -> None:
+        """The sender took its next piece of work after waiting ``waited`` seconds."""
+        self._began, self._idle = time.perf_counter(), waited > IDLE
+
+    def sent(self, codec: int, raw: int, payload: int) -> None:
         """A chunk's frame went out with ``codec`` tried (for ``auto``)."""
         if self.auto is not None:
-            self.auto.record(codec, raw, payload, began, time.perf_counter(),
-                             self._encode_s if codec != NONE else 0.0)
+            self.auto.record(codec, raw, payload, self._began, time.perf_counter(),
+                             self._encode_s if codec != NONE else 0.0, self._idle)

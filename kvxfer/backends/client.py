@@ -159,7 +159,11 @@ class ClientSide(BackendPeer):
 
     def _send_loop(self) -> None:
         try:
-            while (item := self._next()) is not None:
+            while True:
+                waited = time.perf_counter()
+                if (item := self._next()) is None:
+                    break
+                self.codec.took_work(time.perf_counter() - waited)
                 handle, chunk = item
                 try:
                     self._send_item(handle, chunk)
@@ -187,16 +191,14 @@ class ClientSide(BackendPeer):
         if self.codec.next_encoded():  # packed on the host under the lock, encoded
             with packed_raw(self.memory, self._codec_staging, item.layers, item.local_runs,
                             mine, item.nbytes, guard=handle) as raw:
-                payload, enc, tried, began = encode_chunk(self.codec, raw)
-                size = memoryview(payload).nbytes  # type: ignore[arg-type]
+                payload, enc, tried, size = encode_chunk(self.codec, raw)
                 self.channel.send(self.encoder.send(
                     Write(rid, item.index, item.layers, item.remote_runs, size, False, b"",
                           theirs, enc), [payload]))
-            self.codec.sent(tried, item.nbytes, size, began)
+            self.codec.sent(tried, item.nbytes, size)
             return
         frame = Write(rid, item.index, item.layers, item.remote_runs, item.nbytes, False, b"",
                       theirs)
-        began = time.perf_counter()
         if not self.memory.stages(item.local_runs, mine):
             payload = self.memory.host_buffers(item.layers, item.local_runs, mine)
             self.channel.send(self.encoder.send(frame, payload), guard=handle)
@@ -207,7 +209,7 @@ class ClientSide(BackendPeer):
                         raise Abandoned(0)
                     self.memory.pack_into(item.layers, item.local_runs, tensor, mine)
                 self.channel.send(self.encoder.send(frame, [view]))  # our copy: no guard
-        self.codec.sent(NONE, item.nbytes, item.nbytes, began)  # auto measures it too
+        self.codec.sent(NONE, item.nbytes, item.nbytes)  # auto measures it too
 
     # ----------------------------------------------------------------- reading
     def _read_loop(self) -> None:
@@ -262,7 +264,8 @@ class ClientSide(BackendPeer):
                 self._finish(d.request_id, d.chunk)
                 handle.fail(exc)
                 return
-            placed = place(self.memory, chunk.layers, chunk.local_runs, raw, mine, handle)
+            placed = place(self.memory, chunk.layers, chunk.local_runs, raw, mine, handle,
+                           self._recv_staging)
         elif not handle.active:
             self.channel.drain_payload()
             placed = False

@@ -11,7 +11,6 @@ reaches the cache.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from typing import Iterator, Optional, Sequence
 
@@ -49,11 +48,10 @@ def packed_raw(memory: RegisteredMemory, staging: Staging, layers: Sequence[int]
         yield view
 
 
-def encode_chunk(session: CodecSession, raw: memoryview) -> tuple[object, Encoding, bool, float]:
-    """(payload, encoding, went through the compressor, when encoding began)."""
-    began = time.perf_counter()
+def encode_chunk(session: CodecSession, raw: memoryview) -> tuple[object, Encoding, int, int]:
+    """(payload, encoding, the codec tried, payload bytes)."""
     payload, enc, tried = session.encode(raw)
-    return payload, enc, tried, began
+    return payload, enc, tried, memoryview(payload).nbytes  # type: ignore[arg-type]
 
 
 def receive_decoded(channel: Channel, payload_len: int, enc: Encoding) -> np.ndarray:
@@ -73,9 +71,21 @@ def receive_decoded(channel: Channel, payload_len: int, enc: Encoding) -> np.nda
 
 
 def place(memory: RegisteredMemory, layers: Sequence[int], runs: Sequence[tuple[int, int]],
-          raw: np.ndarray, heads: Optional[tuple[int, int]], guard: Optional[Guard]) -> bool:
-    """Scatter a decoded chunk into its blocks (under ``guard`` while it is active)."""
+          raw: np.ndarray, heads: Optional[tuple[int, int]], guard: Optional[Guard],
+          staging: Staging) -> bool:
+    """Scatter a decoded chunk into its blocks (under ``guard`` while it is active). A
+    CUDA cache unpacks from ``staging`` (device or pinned memory, as the packing kernel
+    needs), the decoded bytes copied there first."""
     src = torch.from_numpy(raw)
+    if memory.is_host:
+        return _unpack(memory, layers, runs, src, heads, guard)
+    with staging.use(raw.nbytes, wait=False) as (tensor, _):
+        tensor[:raw.nbytes].copy_(src)
+        return _unpack(memory, layers, runs, tensor, heads, guard)
+
+
+def _unpack(memory: RegisteredMemory, layers: Sequence[int], runs: Sequence[tuple[int, int]],
+            src: torch.Tensor, heads: Optional[tuple[int, int]], guard: Optional[Guard]) -> bool:
     if guard is None:
         memory.unpack_from(layers, runs, src, heads)
         return True

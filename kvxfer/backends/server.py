@@ -105,7 +105,9 @@ class ServerSide:
 
     def serve(self) -> None:
         while True:
+            waited = time.perf_counter()
             ev = self.channel.next_event()
+            self.codec.took_work(time.perf_counter() - waited)
             if ev is CLOSED or isinstance(ev, Close):
                 return
             if isinstance(ev, ReadRequest):
@@ -140,12 +142,10 @@ class ServerSide:
         if self.codec.next_encoded():  # packed on the host, encoded, sent from our copy
             with packed_raw(self.memory, self.host_staging, req.layers, req.runs, req.heads,
                             nbytes) as raw:
-                payload, enc, tried, began = encode_chunk(self.codec, raw)
-                size = memoryview(payload).nbytes  # type: ignore[arg-type]
+                payload, enc, tried, size = encode_chunk(self.codec, raw)
                 self.send(Data(req.request_id, req.chunk, size, enc), (payload,))
-            self.codec.sent(tried, nbytes, size, began)
+            self.codec.sent(tried, nbytes, size)
             return
-        began = time.perf_counter()
         if self.memory.stages(req.runs, req.heads):  # a head slice: only those heads
             with self.staging.use(nbytes) as (tensor, view):
                 self.memory.pack_into(req.layers, req.runs, tensor, req.heads)
@@ -153,7 +153,7 @@ class ServerSide:
         else:
             self.send(Data(req.request_id, req.chunk, nbytes),
                       tuple(self.memory.host_buffers(req.layers, req.runs, req.heads)))
-        self.codec.sent(NONE, nbytes, nbytes, began)  # auto measures this setting too
+        self.codec.sent(NONE, nbytes, nbytes)  # auto measures this setting too
 
     def remember_refused(self, request_id: int) -> None:
         self.refused[request_id] = None
@@ -184,7 +184,7 @@ class ServerSide:
                 self.remember_refused(w.request_id)
                 self.send(Error(w.request_id, w.chunk, E_CODEC, str(exc)))
                 return
-            place(self.memory, w.layers, w.runs, raw, w.heads, None)
+            place(self.memory, w.layers, w.runs, raw, w.heads, None, self.staging)
         elif w.runs and self.memory.stages(w.runs, w.heads):
             with self.staging.use(nbytes, wait=False) as (tensor, view):
                 self.channel.recv_payload([view])
