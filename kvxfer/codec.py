@@ -228,8 +228,8 @@ class AutoPolicy:
     first sample is clearly slower, ends at once, so a probe costs a chunk or two.
     """
 
-    def __init__(self, ladder: tuple[int, ...] = (NONE, LZ4), probe: int = 4,
-                 period: int = 32, alpha: float = 0.3) -> None:
+    def __init__(self, ladder: tuple[int, ...] = (NONE, LZ4), probe: int = 3,
+                 period: int = 64, alpha: float = 0.3) -> None:
         self.ladder, self.probe, self.period, self.alpha = ladder, probe, period, alpha
         self.rate: dict[int, Optional[float]] = {c: None for c in ladder}
         self.ratio: dict[int, float] = {}  # raw / payload per codec (EWMA)
