@@ -30,6 +30,7 @@ two offers into one :class:`Agreement` per connection, the same on both sides.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -54,12 +55,9 @@ ONE_SIDED = ("nixl",)
 
 
 def available_codecs() -> tuple[int, ...]:
-    """Codec ids this process can encode and decode (their libraries import)."""
-    try:
-        import blosc2  # noqa: F401
-    except ImportError:
-        return (NONE,)
-    return (NONE, LZ4, ZSTD)
+    """Codec ids this process can encode and decode (their library is installed; it is
+    imported only when a chunk is first encoded or decoded)."""
+    return (NONE, LZ4, ZSTD) if importlib.util.find_spec("blosc2") is not None else (NONE,)
 
 
 def check_mode(compression: str, codecs: Optional[tuple[int, ...]] = None) -> int:

@@ -24,8 +24,6 @@ from ..protocol import Encoding
 from .channel import Abandoned, Channel, Guard
 from .staging import Staging
 
-_CODECS = available_codecs()
-
 
 @contextmanager
 def packed_raw(memory: RegisteredMemory, staging: Staging, layers: Sequence[int],
@@ -64,7 +62,7 @@ def receive_decoded(channel: Channel, payload_len: int, enc: Encoding) -> np.nda
     """
     buf = bytearray(payload_len)
     channel.recv_payload([memoryview(buf)])
-    if enc.codec not in _CODECS:
+    if enc.codec not in available_codecs():
         raise RemoteProtocolError(f"payload encoded with codec {enc.codec}, which this "
                                   f"agent did not offer")
     return decode(buf, enc)
