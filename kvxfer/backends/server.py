@@ -32,8 +32,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..codec import NONE, Agreement, CodecSession
 from ..errors import BlockOutOfRange, KvxferError, LayoutMismatch, RemoteProtocolError
 from ..memory import RegisteredMemory
-from ..protocol import (CLOSED, E_BACKLOG, E_CODEC, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE,
-                        Close, Completion, Connection, Data, Error, Hello, ReadRequest, Write)
+from ..protocol import (CLOSED, E_BACKLOG, E_CODEC, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE,
+                        E_SIZE, Close, Completion, Connection, Data, Error, Hello, ReadRequest,
+                        Write)
 from .channel import Channel
 from .codec_io import encode_chunk, packed_raw, place, receive_decoded
 from .staging import Staging

@@ -1,13 +1,15 @@
 """The kvxfer wire protocol, free of I/O: frames <-> bytes. See frames.py for the layout."""
 
 from .connection import CLOSED, NEED_DATA, Connection, Event, PayloadData
-from .frames import (E_BACKLOG, E_CODEC, E_CLOSING, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE, E_SIZE, HEADER_SIZE,
-                     MAGIC, NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, VERSION, Close, Completion,
-                     Data, Encoding, Error, Frame, Hello, Note, ReadRequest, Write, decode_note, encode_note)
+from .frames import (E_BACKLOG, E_CLOSING, E_CODEC, E_INTERNAL, E_LAYOUT, E_PROTOCOL, E_RANGE,
+                     E_SIZE, HEADER_SIZE, MAGIC, NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, VERSION,
+                     Close, Completion, Data, Encoding, Error, Frame, Hello, Note, ReadRequest,
+                     Write, decode_note, encode_note)
 
 __all__ = [
-    "CLOSED", "Close", "Completion", "Connection", "Data", "E_BACKLOG", "E_CODEC", "Encoding", "E_CLOSING", "E_INTERNAL",
-    "E_LAYOUT", "E_PROTOCOL", "E_RANGE", "E_SIZE", "Error", "Event", "Frame", "HEADER_SIZE", "Hello",
-    "MAGIC", "NEED_DATA", "NOTE_FINISHED", "NOTE_LAYERS", "NOTE_USER", "Note", "PayloadData",
-    "ReadRequest", "VERSION", "Write", "decode_note", "encode_note",
+    "CLOSED", "Close", "Completion", "Connection", "Data", "E_BACKLOG", "E_CLOSING", "E_CODEC",
+    "E_INTERNAL", "E_LAYOUT", "E_PROTOCOL", "E_RANGE", "E_SIZE", "Encoding", "Error", "Event",
+    "Frame", "HEADER_SIZE", "Hello", "MAGIC", "NEED_DATA", "NOTE_FINISHED", "NOTE_LAYERS",
+    "NOTE_USER", "Note", "PayloadData", "ReadRequest", "VERSION", "Write", "decode_note",
+    "encode_note",
 ]
