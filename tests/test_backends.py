@@ -46,8 +46,8 @@ def test_agent_misuse_is_refused_clearly():
             a.add_peer(b"garbage")
         with pytest.raises(kvxfer.RemoteProtocolError):
             a.add_peer(b"KVXM1{\"name\": 1}")
-        old = b.metadata().replace(b"KVXM3", b"KVXM2", 1)  # no head ranges on its wire
-        with pytest.raises(kvxfer.RemoteProtocolError, match="version 2, .*version 3"):
+        old = b.metadata().replace(b"KVXM4", b"KVXM3", 1)  # no codecs on its wire
+        with pytest.raises(kvxfer.RemoteProtocolError, match="version 3, .*version 4"):
             a.add_peer(old)
         peer = a.add_peer(b.metadata())
         assert a.add_peer(b.metadata()) is peer  # one connection per peer

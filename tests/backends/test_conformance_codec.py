@@ -182,11 +182,11 @@ def test_a_write_altered_in_flight_is_refused_and_touches_nothing(tcp_peer):
     p, spec = tcp_peer
     host, port = json.loads(p.meta[spec.key][p.meta[spec.key].index(b"{"):])["address"] \
         .rsplit(":", 1)
-    relay = Relay((host, int(port)), "to_server", "flip", codec=C.LZ4)
+    relay = Relay((host, int(port)), "to_server", "flip")  # raw bytes: the checksum
     layout = build_layout(spec, 5)
     fill_mixed(layout, "bfloat16")
     try:
-        with kvxfer.Agent("writer", compression="lz4", checksum=True) as agent:
+        with kvxfer.Agent("writer", checksum=True) as agent:
             agent.register_kv_cache(layout)
             peer = agent.add_peer(via(p.meta[spec.key], relay.port))
             before = p.call("blocks", spec.key, list(range(40, 62)))
