@@ -18,6 +18,7 @@ from typing import Any, Iterable, Sequence
 
 from .auth import resolve_secret, warn_if_open
 from .backends import BackendConfig, get_backend
+from .codec import ONE_SIDED, TWO_SIDED, check_mode
 from .errors import AgentClosed, KvxferError, PeerUnreachable, RemoteProtocolError
 from .handle import DEMAND, TransferHandle
 from .heads import exchange_heads
@@ -41,6 +42,12 @@ def _order_stream_after(stream: Any, memory: RegisteredMemory) -> None:
     done = torch.cuda.Event()
     done.record(memory.thread_stream())
     stream.wait_event(done)
+
+def _one_sided_codec(backend: str, compression: str, checksum: bool) -> str:
+    what = f"compression={compression!r}" if compression != "none" else "checksum=True"
+    return (f"{what} needs a two-sided backend ({', '.join(TWO_SIDED)}): {backend!r} is "
+            f"one-sided (the peer's memory is read directly, nothing of ours runs there)")
+
 
 MAX_NOTIFY = 64 << 10
 WATCHDOG_PERIOD = 0.05
@@ -73,6 +80,16 @@ class Agent:
             together (pinned memory for a CUDA cache; tcp, ucx, nccl). Past it, a chunk
             that must be packed waits for a buffer to come back; a receive in progress
             may pass it by its one chunk. None: no limit. At least ``chunk_bytes``.
+        compression: "none"; "lz4" (bit shuffle + LZ4, for links slower than the CPU
+            can compress, ~1 Gbit/s); "zstd" (byte shuffle + zstd-1: a better ratio,
+            slower); "auto" (per peer, compress only while measured to be faster end to
+            end). Agreed with each peer in the handshake (the initiator's wish first);
+            with a peer that cannot decode the codec, the connection goes uncompressed
+            and says so in a warning. Two-sided backends only (tcp, ucx, nccl).
+        checksum: an xxh3-64 of every chunk, checked before the chunk is placed (it is
+            received into staging first); a mismatch fails the transfer with
+            :class:`~kvxfer.errors.ChecksumMismatch` as its cause, the blocks untouched.
+            On when either side of a connection asks. Two-sided backends only.
         metrics: Prometheus metrics of this agent's transfers (:mod:`kvxfer.metrics`):
             True for prometheus_client's default registry, a ``CollectorRegistry``, or
             None (default: off, no cost on the data path).
@@ -91,6 +108,8 @@ class Agent:
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
         PeerUnreachable: cannot listen on ``listen``.
+        ValueError: a bad argument; compression or checksums asked of a one-sided
+            backend (nixl), or a codec whose library is missing.
     """
 
     def __init__(self, name: str, backend: str = "tcp", listen: str = "127.0.0.1:0", *,
@@ -99,6 +118,7 @@ class Agent:
                  staged: bool = False, max_unread_notify_bytes: int = 64 << 20,
                  max_inflight_transfers: int = 64, max_incoming: int = 4096,
                  transfer_buffer_bytes: int | None = 512 << 20,
+                 compression: str = "none", checksum: bool = False,
                  metrics: Any = None, secret: bytes | str | None = None,
                  hello_timeout: float = 5.0, max_connections: int = 1024,
                  discovery: Any = None) -> None:
@@ -112,6 +132,9 @@ class Agent:
         if transfer_buffer_bytes is not None and transfer_buffer_bytes < chunk_bytes:
             raise ValueError(f"transfer_buffer_bytes ({transfer_buffer_bytes}) must hold at "
                              f"least one chunk ({chunk_bytes})")
+        check_mode(compression)
+        if (compression != "none" or checksum) and backend in ONE_SIDED:
+            raise ValueError(_one_sided_codec(backend, compression, checksum))
         if transfer_timeout <= 0:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
@@ -124,9 +147,13 @@ class Agent:
         self.config = BackendConfig(chunk_bytes=chunk_bytes, max_inflight=max_inflight,
                                     connect_timeout=connect_timeout, staged=staged,
                                     transfer_buffer_bytes=transfer_buffer_bytes,
+                                    compression=compression, checksum=bool(checksum),
                                     secret=resolve_secret(secret), hello_timeout=hello_timeout,
                                     max_connections=max_connections)
-        self.backend = get_backend(backend)(name, listen, self.config)
+        cls = get_backend(backend)
+        if (compression != "none" or checksum) and cls.one_sided:
+            raise ValueError(_one_sided_codec(backend, compression, checksum))
+        self.backend = cls(name, listen, self.config)
         warn_if_open(name, listen, self.config.secret)
         self.backend_name = backend
         self._lock = threading.Lock()

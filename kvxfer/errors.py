@@ -40,6 +40,10 @@ class RemoteProtocolError(ProtocolError):
     """The peer sent bytes that are not a valid frame; the connection is failed."""
 
 
+class ChecksumMismatch(RemoteProtocolError):
+    """A chunk's bytes do not match the xxh3-64 its sender computed (changed on the way)."""
+
+
 class RemoteError(KvxferError):
     """The peer refused a request and said why (an ERROR frame)."""
 

@@ -229,12 +229,13 @@ def test_a_key_too_long_is_refused_before_it_is_sent():
         F.encode_note(F.Note(F.NOTE_LAYERS, b"k" * (F.MAX_KEY + 1), (0,)))
 
 
-@pytest.mark.parametrize("old", [1, 2, 3])  # 2: no head ranges; 3: HELLO without nonce
-def test_a_peer_speaking_an_older_version_is_refused_naming_both_versions(old):
-    assert F.VERSION == 4
+# 2: no head ranges; 3: HELLO without a nonce; 4: no codecs; 6: a newer release
+@pytest.mark.parametrize("old", [1, 2, 3, 4, 6])
+def test_a_peer_speaking_another_version_is_refused_naming_both_versions(old):
+    assert F.VERSION == 5
     conn = Connection()
     conn.receive_data(_header(version=old))
-    with pytest.raises(RemoteProtocolError, match=f"version {old} .*we speak 4"):
+    with pytest.raises(RemoteProtocolError, match=f"version {old} .*we speak 5"):
         conn.next_event()
 
 

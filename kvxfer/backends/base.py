@@ -54,6 +54,8 @@ class BackendConfig:
     hello_timeout: float = 5.0  # seconds a connecting peer has to finish its handshake
     max_connections: int = 1024  # peers served at once; more are refused (E_CLOSING)
     max_handshakes: int = 256  # connections handshaking at once; past it the oldest goes
+    compression: str = "none"  # "none", "lz4", "zstd" or "auto" (two-sided backends)
+    checksum: bool = False  # an xxh3-64 of every chunk, checked before it is placed
 
     def __post_init__(self) -> None:
         if self.chunk_bytes < 1 or self.max_inflight < 1 or self.connect_timeout <= 0 \

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import TYPE_CHECKING, Optional
 
+from ..codec import NONE, Agreement, CodecSession
 from ..errors import AgentClosed, KvxferError, PeerUnreachable, RemoteError, RemoteProtocolError
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
@@ -41,6 +43,7 @@ from ..protocol import CLOSED, Close, Completion, Connection, Data, Error, ReadR
 from ..scheduler import ChunkQueue, Part
 from .base import BackendPeer
 from .channel import Abandoned, Channel
+from .codec_io import encode_chunk, packed_raw, place, receive_decoded
 from .staging import Staging
 
 if TYPE_CHECKING:
@@ -55,7 +58,7 @@ class ClientSide(BackendPeer):
     """Our connection to one peer: a sender thread and a reader thread."""
 
     def __init__(self, backend: "TwoSidedBackend", channel: Channel, encoder: Connection,
-                 name: str) -> None:
+                 name: str, agreement: Agreement = Agreement()) -> None:
         self.backend = backend
         self.name = name
         self.channel = channel
@@ -66,6 +69,8 @@ class ClientSide(BackendPeer):
         self._dead: Optional[BaseException] = None
         self._send_staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
         self._recv_staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
+        self._codec_staging = Staging(self.memory, None, backend.staging_budget)  # host
+        self.codec = CodecSession(agreement, self.memory.layout.dtype.itemsize)
         tag = f"{backend.agent_name}->{name}"
         self._sender = threading.Thread(target=self._send_loop, daemon=True,
                                         name=f"kvxfer-{backend.name}-send[{tag}]")
@@ -128,6 +133,7 @@ class ClientSide(BackendPeer):
         self.channel.close()
         self._send_staging.release()
         self._recv_staging.release()
+        self._codec_staging.release()
         self.backend._forget_client(self)
 
     # ----------------------------------------------------------------- sending
@@ -153,7 +159,11 @@ class ClientSide(BackendPeer):
 
     def _send_loop(self) -> None:
         try:
-            while (item := self._next()) is not None:
+            while True:
+                waited = time.perf_counter()
+                if (item := self._next()) is None:
+                    break
+                self.codec.took_work(time.perf_counter() - waited)
                 handle, chunk = item
                 try:
                     self._send_item(handle, chunk)
@@ -178,18 +188,28 @@ class ClientSide(BackendPeer):
             self.channel.send(self.encoder.send(ReadRequest(rid, item.index, item.layers,
                                                             item.remote_runs, theirs)))
             return
+        if self.codec.next_encoded():  # packed on the host under the lock, encoded
+            with packed_raw(self.memory, self._codec_staging, item.layers, item.local_runs,
+                            mine, item.nbytes, guard=handle) as raw:
+                payload, enc, tried, size = encode_chunk(self.codec, raw)
+                self.channel.send(self.encoder.send(
+                    Write(rid, item.index, item.layers, item.remote_runs, size, False, b"",
+                          theirs, enc), [payload]))
+            self.codec.sent(tried, item.nbytes, size)
+            return
         frame = Write(rid, item.index, item.layers, item.remote_runs, item.nbytes, False, b"",
                       theirs)
         if not self.memory.stages(item.local_runs, mine):
             payload = self.memory.host_buffers(item.layers, item.local_runs, mine)
             self.channel.send(self.encoder.send(frame, payload), guard=handle)
-            return
-        with self._send_staging.use(item.nbytes) as (tensor, view):
-            with handle.data_lock:
-                if not handle.active:
-                    raise Abandoned(0)
-                self.memory.pack_into(item.layers, item.local_runs, tensor, mine)
-            self.channel.send(self.encoder.send(frame, [view]))  # our own copy: no guard
+        else:
+            with self._send_staging.use(item.nbytes) as (tensor, view):
+                with handle.data_lock:
+                    if not handle.active:
+                        raise Abandoned(0)
+                    self.memory.pack_into(item.layers, item.local_runs, tensor, mine)
+                self.channel.send(self.encoder.send(frame, [view]))  # our copy: no guard
+        self.codec.sent(NONE, item.nbytes, item.nbytes)  # auto measures it too
 
     # ----------------------------------------------------------------- reading
     def _read_loop(self) -> None:
@@ -228,10 +248,25 @@ class ClientSide(BackendPeer):
             raise RemoteProtocolError(f"DATA for unknown request {d.request_id} chunk {d.chunk}")
         handle, chunk = entry
         mine = handle.heads.local if handle.heads else None
-        if d.payload_len != chunk.nbytes:
+        if d.enc is not None and d.enc.raw_len != chunk.nbytes:  # the stream is in step:
+            self.channel.drain_payload()  # only this transfer fails
+            self._finish(d.request_id, d.chunk)
+            handle.fail(RemoteProtocolError(f"DATA announced as {d.enc.raw_len} raw bytes "
+                                            f"for a chunk of {chunk.nbytes}; nothing placed"))
+            return
+        if d.payload_len != chunk.nbytes and d.enc is None:
             raise RemoteProtocolError(f"DATA of {d.payload_len} bytes for a chunk of "
                                       f"{chunk.nbytes}")
-        if not handle.active:
+        if d.enc is not None:  # decoded and verified before a byte is placed
+            try:
+                raw = receive_decoded(self.channel, d.payload_len, d.enc)
+            except RemoteProtocolError as exc:  # this transfer's failure, not the link's
+                self._finish(d.request_id, d.chunk)
+                handle.fail(exc)
+                return
+            placed = place(self.memory, chunk.layers, chunk.local_runs, raw, mine, handle,
+                           self._recv_staging)
+        elif not handle.active:
             self.channel.drain_payload()
             placed = False
         elif self.memory.stages(chunk.local_runs, mine):  # the payload lands in our buffer

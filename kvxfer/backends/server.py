@@ -31,12 +31,14 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ..codec import NONE, Agreement, CodecSession
 from ..errors import BlockOutOfRange, KvxferError, RemoteProtocolError
 from ..memory import RegisteredMemory
-from ..protocol import (CLOSED, E_BACKLOG, E_INTERNAL, E_PROTOCOL, E_RANGE, E_SIZE, Close,
-                        Completion, Connection, Data, Error, ReadRequest, Write)
+from ..protocol import (CLOSED, E_BACKLOG, E_CODEC, E_INTERNAL, E_PROTOCOL, E_RANGE, E_SIZE,
+                        Close, Completion, Connection, Data, Error, ReadRequest, Write)
 from ..protocol.handshake import ServerHandshake
 from .channel import Channel
+from .codec_io import encode_chunk, packed_raw, place, receive_decoded
 from .staging import Staging
 
 if TYPE_CHECKING:
@@ -60,6 +62,8 @@ class ServerSide:
         self.memory: RegisteredMemory = backend._memory  # type: ignore[assignment]
         self.encoder = Connection(expect_hello=False)
         self.staging = Staging(self.memory, backend.staging_device, backend.staging_budget)
+        self.host_staging = Staging(self.memory, None, backend.staging_budget)  # codec
+        self.codec = CodecSession(Agreement(), 1)  # set once the handshake is done
         self.peer = shake.peer if shake is not None else "?"
         # Writes with a refused chunk: their notify is not delivered. Bounded (oldest
         # forgotten), since a writer that gave up never sends the last frame.
@@ -109,6 +113,10 @@ class ServerSide:
         try:
             if not self.established and not self.handshake():
                 return
+            assert self.shake is not None and self.shake.theirs is not None
+            self.codec = CodecSession(self.backend.agree(self.peer, self.shake.theirs,
+                                                         initiator=False),
+                                      self.memory.layout.dtype.itemsize)
             self.channel.set_timeout(self.backend.config.connect_timeout)
             self.channel.established()
             self.channel.set_timeout(None)
@@ -127,11 +135,14 @@ class ServerSide:
             self.channel.shutdown()
             self.channel.close()
             self.staging.release()
+            self.host_staging.release()
             self.backend._forget(self)
 
     def serve(self) -> None:
         while True:
+            waited = time.perf_counter()
             ev = self.channel.next_event()
+            self.codec.took_work(time.perf_counter() - waited)
             if ev is CLOSED or isinstance(ev, Close):
                 return
             if isinstance(ev, ReadRequest):
@@ -163,13 +174,21 @@ class ServerSide:
         except BlockOutOfRange as exc:
             self.send(Error(req.request_id, req.chunk, E_RANGE, str(exc)))
             return
+        if self.codec.next_encoded():  # packed on the host, encoded, sent from our copy
+            with packed_raw(self.memory, self.host_staging, req.layers, req.runs, req.heads,
+                            nbytes) as raw:
+                payload, enc, tried, size = encode_chunk(self.codec, raw)
+                self.send(Data(req.request_id, req.chunk, size, enc), (payload,))
+            self.codec.sent(tried, nbytes, size)
+            return
         if self.memory.stages(req.runs, req.heads):  # a head slice: only those heads
             with self.staging.use(nbytes) as (tensor, view):
                 self.memory.pack_into(req.layers, req.runs, tensor, req.heads)
                 self.send(Data(req.request_id, req.chunk, nbytes), (view,))
-            return
-        self.send(Data(req.request_id, req.chunk, nbytes),
-                  tuple(self.memory.host_buffers(req.layers, req.runs, req.heads)))
+        else:
+            self.send(Data(req.request_id, req.chunk, nbytes),
+                      tuple(self.memory.host_buffers(req.layers, req.runs, req.heads)))
+        self.codec.sent(NONE, nbytes, nbytes)  # auto measures this setting too
 
     def remember_refused(self, request_id: int) -> None:
         self.refused[request_id] = None
@@ -187,10 +206,21 @@ class ServerSide:
             nbytes = self.memory.check(w.layers, w.runs, w.heads)
         except BlockOutOfRange as exc:
             return self.refuse_write(w, E_RANGE, str(exc))
-        if nbytes != w.payload_len:
-            return self.refuse_write(w, E_SIZE, f"write carries {w.payload_len} bytes for a "
+        raw_len = w.payload_len if w.enc is None else w.enc.raw_len
+        if nbytes != raw_len:
+            return self.refuse_write(w, E_SIZE, f"write carries {raw_len} bytes for a "
                                                 f"chunk of {nbytes}")
-        if w.runs and self.memory.stages(w.runs, w.heads):
+        if w.runs and w.enc is not None:  # decoded and verified before a byte is placed
+            try:
+                raw = receive_decoded(self.channel, w.payload_len, w.enc)
+            except RemoteProtocolError as exc:
+                log.warning("refusing chunk %d of write #%d from %r: %s", w.chunk,
+                            w.request_id, self.peer, exc)
+                self.remember_refused(w.request_id)
+                self.send(Error(w.request_id, w.chunk, E_CODEC, str(exc)))
+                return
+            place(self.memory, w.layers, w.runs, raw, w.heads, None, self.staging)
+        elif w.runs and self.memory.stages(w.runs, w.heads):
             with self.staging.use(nbytes, wait=False) as (tensor, view):
                 self.channel.recv_payload([view])
                 self.memory.unpack_from(w.layers, w.runs, tensor, w.heads)

@@ -34,22 +34,26 @@ every two-sided backend and split by role:
 
 from __future__ import annotations
 
+import logging
 import threading
 from abc import abstractmethod
 from typing import Optional
 
 import torch
 
+from ..codec import Agreement, Offer, agree, available_codecs, check_mode
 from ..errors import AgentClosed, PeerUnreachable, ProtocolError
 from ..handle import TransferHandle
 from ..memory import RegisteredMemory
-from ..protocol import Connection
+from ..protocol import Connection, Hello
 from ..protocol.handshake import ClientHandshake, ServerHandshake
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 from .channel import Abandoned, Channel, Guard
 from .client import ClientSide
 from .server import ServerSide
 from .staging import Staging, StagingBudget
+
+log = logging.getLogger("kvxfer.twosided")
 
 __all__ = ["Abandoned", "Channel", "ClientSide", "Guard", "ServerSide", "Staging",
            "TwoSidedBackend"]
@@ -76,6 +80,24 @@ class TwoSidedBackend(Backend):
         self._clients: set[ClientSide] = set()
         # Every staging buffer of this backend together (transfer_buffer_bytes).
         self.staging_budget = StagingBudget(config.transfer_buffer_bytes)
+        # What we say in HELLO: the compression we want, checksums, what we decode.
+        self.offer = Offer(check_mode(config.compression), config.checksum,
+                           available_codecs())
+
+    def hello(self) -> Hello:
+        """Our HELLO, less nonce and proof: name, layout and codec offer."""
+        assert self._memory is not None
+        return Hello(self.agent_name, self._memory.descriptor_bytes,
+                     checksum=self.offer.checksum, compression=self.offer.mode,
+                     codecs=self.offer.codecs)
+
+    def agree(self, peer: str, theirs: Hello, initiator: bool) -> Agreement:
+        """The connection's codec, from our offer and the peer's HELLO."""
+        other = Offer(theirs.compression, theirs.checksum, theirs.codecs)
+        a = agree(self.offer, other) if initiator else agree(other, self.offer)
+        if a.note:
+            log.warning("connection %s %r: %s", "to" if initiator else "from", peer, a.note)
+        return a
 
     # -------------------------------------------------------- transport hooks
     @abstractmethod
@@ -100,7 +122,8 @@ class TwoSidedBackend(Backend):
         """The serving side's handshake for one new connection."""
         assert self._memory is not None, "start() first"
         return ServerHandshake(self.agent_name, self._memory.descriptor_bytes,
-                               self.config.secret, self._memory.check_peer, self._admit)
+                               self.config.secret, self._memory.check_peer, self._admit,
+                               ours=self.hello())
 
     def _admit(self) -> Optional[str]:
         with self._lock:
@@ -131,12 +154,15 @@ class TwoSidedBackend(Backend):
         try:
             encoder = Connection(expect_hello=False)
             shake = ClientHandshake(self.agent_name, self._memory.descriptor_bytes,
-                                    self.config.secret, self._memory.check_peer, peer.name)
+                                    self.config.secret, self._memory.check_peer, peer.name,
+                                    ours=self.hello())
             channel.set_timeout(self.config.connect_timeout)
             channel.send(encoder.send(shake.hello()))
             while not shake.done:
                 for frame in shake.on_event(channel.next_event()):
                     channel.send(encoder.send(frame))
+            assert shake.theirs is not None
+            agreement = self.agree(peer.name, shake.theirs, initiator=True)
             channel.established()
             channel.set_timeout(None)
         except (OSError, ProtocolError) as exc:
@@ -147,7 +173,7 @@ class TwoSidedBackend(Backend):
             channel.shutdown()
             channel.close()
             raise
-        client = ClientSide(self, channel, encoder, peer.name)
+        client = ClientSide(self, channel, encoder, peer.name, agreement)
         with self._lock:
             closed = self._closed
             if not closed:

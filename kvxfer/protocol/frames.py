@@ -14,14 +14,21 @@ Every frame is a fixed 20-byte header, a typed body, and an optional payload::
 Bodies (``runs`` are (first block id, block count) pairs on the receiver's side)::
 
     HELLO       u16 name_len, name, u32 desc_len, descriptor (JSON of LayoutDescriptor),
-                u8 nonce_len, nonce, u8 proof_len, proof       (version 4; kvxfer.auth)
+                u8 nonce_len, nonce, u8 proof_len, proof       (version 4; kvxfer.auth),
+                u8 flags (1: checksums wanted), u8 compression wanted (0 none, 1 lz4,
+                2 zstd, 3 auto), u8 n, n*u8 codecs this agent can decode   (version 5)
     AUTH        u8 proof_len, proof      (the connecting side's proof; empty from the
                                           serving side: the proof was accepted)
     READ        u64 request, u32 chunk, u16 h0, u16 h1, u16 n_layers, u32 n_runs,
                 n_layers*u16, n_runs*(u32,u32)
-    WRITE       as READ, then u32 notify_len, notify     (payload: the chunk's bytes)
+    WRITE       as READ, then u32 notify_len, notify, ENC (payload: the chunk's bytes)
                 (no runs, notify set: a message for the receiving agent, a note below)
-    DATA        u64 request, u32 chunk                   (payload: the chunk's bytes)
+    DATA        u64 request, u32 chunk, ENC              (payload: the chunk's bytes)
+    ENC         u8 codec, u8 shuffle, u8 elem, u8 has_sum, u64 raw_len, u64 xxh3
+                (version 5) how the payload is encoded (kvxfer.codec): codec 0 (none)
+                carries the raw bytes (raw_len == payload_len); 1 (lz4), 2 (zstd)
+                decompress to exactly raw_len bytes, or the frame is refused; has_sum:
+                xxh3 is the xxh3-64 of the raw bytes, checked before they are placed
     COMPLETION  u64 request, u32 chunk
     ERROR       u64 request, u32 chunk, u16 code, u16 msg_len, msg (utf-8)
     CLOSE       u16 reason_len, reason
@@ -63,8 +70,9 @@ from typing import Union
 from ..errors import LocalProtocolError, RemoteProtocolError
 
 MAGIC = b"KVXF"
-VERSION = 4  # 2: a WRITE's notify is a typed note (encode_note); 3: head ranges in READ/WRITE;
-#             4: HELLO carries a nonce and a proof, AUTH (shared-secret authentication)
+VERSION = 5  # 2: a WRITE's notify is a typed note (encode_note); 3: head ranges in READ/WRITE;
+#             4: HELLO carries a nonce and a proof, AUTH (shared-secret authentication);
+#             5: codecs and checksums (HELLO offers, ENC on DATA and WRITE)
 HEADER = struct.Struct("!4sBBHIQ")
 HEADER_SIZE = HEADER.size  # 20
 
@@ -72,7 +80,8 @@ T_HELLO, T_READ, T_WRITE, T_DATA, T_COMPLETION, T_ERROR, T_CLOSE, T_AUTH = range
 FLAG_LAST = 0x1  # WRITE: the request's last chunk; its notify is delivered after it lands
 
 # Error codes carried by ERROR frames.
-E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING, E_BACKLOG, E_AUTH = range(1, 9)
+E_PROTOCOL, E_RANGE, E_LAYOUT, E_SIZE, E_INTERNAL, E_CLOSING, E_BACKLOG, E_AUTH, E_CODEC = range(1, 10)
+# E_CODEC: a chunk's payload did not decode to its announced length or failed its checksum.
 # E_BACKLOG: a write's notify was refused: the receiver's unread notifications are full.
 # E_AUTH: the connection was refused: no proof of the shared secret, or a wrong one.
 
@@ -86,6 +95,10 @@ MAX_NONCE = 64  # bytes of a HELLO's nonce, and of a proof
 MAX_KEY = 1024  # bytes of a stream's request key
 NOTE_USER, NOTE_LAYERS, NOTE_FINISHED = range(3)
 _U8 = struct.Struct("!B")
+_ENC = struct.Struct("!BBBBQQ")
+_HELLO_TAIL = struct.Struct("!BBB")
+CODECS = (0, 1, 2)  # none, lz4, zstd (kvxfer.codec names them)
+MODES = (0, 1, 2, 3)  # none, lz4, zstd, auto
 # Largest payload of one frame (one chunk). A receiver refuses a larger frame, or a READ
 # that would need a larger answer, before it allocates anything; senders plan chunks
 # below it.
@@ -99,11 +112,51 @@ class Hello:
     version: int = VERSION
     nonce: bytes = b""  # fresh random bytes when the sender authenticates (kvxfer.auth)
     proof: bytes = b""  # the serving side's proof over both HELLOs (kvxfer.auth)
+    checksum: bool = False  # the sender wants checksums on this connection
+    compression: int = 0  # the compression it wants (MODES)
+    codecs: tuple[int, ...] = (0,)  # the codecs it can decode
 
 
 @dataclass(frozen=True, slots=True)
 class Auth:
     proof: bytes  # the connecting side's proof; empty from the serving side: accepted
+
+
+@dataclass(frozen=True, slots=True)
+class Encoding:
+    """How a payload is encoded; see ENC in the module docstring."""
+
+    codec: int = 0  # 0 none, 1 lz4, 2 zstd
+    shuffle: int = 0  # 0 none, 1 byte, 2 bit
+    elem: int = 1  # element size the shuffle used
+    raw_len: int = 0  # bytes once decoded
+    checksum: int | None = None  # xxh3-64 of the raw bytes
+
+
+def _enc_body(enc: "Encoding | None", payload_len: int) -> bytes:
+    if enc is None:
+        return _ENC.pack(0, 0, 1, 0, payload_len, 0)
+    if enc.codec == 0 and enc.raw_len != payload_len:
+        raise LocalProtocolError(f"an uncompressed payload of {payload_len} bytes "
+                                 f"announced as {enc.raw_len}")
+    return _ENC.pack(enc.codec, enc.shuffle, enc.elem, enc.checksum is not None, enc.raw_len,
+                     enc.checksum or 0)
+
+
+def _enc_fields(r: "_Reader", payload_len: int) -> "Encoding | None":
+    codec, shuffle, elem, has_sum, raw_len, xxh = r.unpack(_ENC)
+    if codec not in CODECS or shuffle > 2 or elem not in (1, 2, 4, 8) or has_sum > 1:
+        raise RemoteProtocolError(f"unknown payload encoding (codec {codec}, shuffle "
+                                  f"{shuffle}, element size {elem})")
+    if raw_len > MAX_PAYLOAD:
+        raise RemoteProtocolError(f"payload announced as {raw_len} raw bytes, more than the "
+                                  f"limit of {MAX_PAYLOAD}")
+    if codec == 0 and raw_len != payload_len:
+        raise RemoteProtocolError(f"uncompressed payload of {payload_len} bytes announced "
+                                  f"as {raw_len}")
+    if codec == 0 and not has_sum:
+        return None
+    return Encoding(codec, shuffle, elem, raw_len, xxh if has_sum else None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +178,7 @@ class Write:
     last: bool = False
     notify: bytes = b""
     heads: tuple[int, int] | None = None  # [h0, h1) of the receiver's heads; None: whole
+    enc: Encoding | None = None  # None: the raw bytes, no checksum
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +186,7 @@ class Data:
     request_id: int
     chunk: int
     payload_len: int
+    enc: Encoding | None = None  # None: the raw bytes, no checksum
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,17 +246,24 @@ def encode_body(frame: Frame) -> tuple[int, int, bytes, int]:
     """(type, flags, body, payload_len) of a frame."""
     if isinstance(frame, Hello):
         name = frame.name.encode()
+        if frame.compression not in MODES or any(c not in CODECS for c in frame.codecs):
+            raise ValueError(f"unknown compression {frame.compression} or codecs {frame.codecs}")
         return T_HELLO, 0, (_U16.pack(len(name)) + name + _U32.pack(len(frame.descriptor))
-                            + frame.descriptor + _short(frame.nonce) + _short(frame.proof)), 0
+                            + frame.descriptor + _short(frame.nonce) + _short(frame.proof)
+                            + _HELLO_TAIL.pack(frame.checksum, frame.compression,
+                                               len(frame.codecs))
+                            + bytes(frame.codecs)), 0
     if isinstance(frame, Auth):
         return T_AUTH, 0, _short(frame.proof), 0
     if isinstance(frame, ReadRequest):
         return T_READ, 0, _xfer_body(frame), 0
     if isinstance(frame, Write):
-        body = _xfer_body(frame) + _U32.pack(len(frame.notify)) + frame.notify
+        body = (_xfer_body(frame) + _U32.pack(len(frame.notify)) + frame.notify
+                + _enc_body(frame.enc, frame.payload_len))
         return T_WRITE, FLAG_LAST if frame.last else 0, body, frame.payload_len
     if isinstance(frame, Data):
-        return T_DATA, 0, _REQ.pack(frame.request_id, frame.chunk), frame.payload_len
+        return T_DATA, 0, (_REQ.pack(frame.request_id, frame.chunk)
+                           + _enc_body(frame.enc, frame.payload_len)), frame.payload_len
     if isinstance(frame, Completion):
         return T_COMPLETION, 0, _REQ.pack(frame.request_id, frame.chunk), 0
     if isinstance(frame, Error):
@@ -285,8 +347,15 @@ def decode_body(h: Header, body: memoryview) -> Frame:
         name = r.text(n)
         (d,) = r.unpack(_U32)
         descriptor = bytes(r.take(d))
+        nonce, proof = r.short(), r.short()
+        flags, mode, n = r.unpack(_HELLO_TAIL)
+        codecs = tuple(r.take(n))
+        if mode not in MODES:
+            raise RemoteProtocolError(f"unknown compression mode {mode} in HELLO")
+        # Codecs we do not know are simply not usable with that peer.
         frame: Frame = Hello(name=name, descriptor=descriptor, version=h.version,
-                             nonce=r.short(), proof=r.short())
+                             nonce=nonce, proof=proof, checksum=bool(flags & 1),
+                             compression=mode, codecs=tuple(c for c in codecs if c in CODECS))
     elif h.type == T_AUTH:
         frame = Auth(r.short())
     elif h.type == T_READ:
@@ -294,10 +363,14 @@ def decode_body(h: Header, body: memoryview) -> Frame:
     elif h.type == T_WRITE:
         request_id, chunk, layers, runs, heads = _xfer_fields(r)
         (n,) = r.unpack(_U32)
+        notify = bytes(r.take(n))
         frame = Write(request_id, chunk, layers, runs, payload_len=h.payload_len,
-                      last=bool(h.flags & FLAG_LAST), notify=bytes(r.take(n)), heads=heads)
+                      last=bool(h.flags & FLAG_LAST), notify=notify, heads=heads,
+                      enc=_enc_fields(r, h.payload_len))
     elif h.type == T_DATA:
-        frame = Data(*r.unpack(_REQ), payload_len=h.payload_len)
+        request_id, chunk = r.unpack(_REQ)
+        frame = Data(request_id, chunk, payload_len=h.payload_len,
+                     enc=_enc_fields(r, h.payload_len))
     elif h.type == T_COMPLETION:
         frame = Completion(*r.unpack(_REQ))
     elif h.type == T_ERROR:

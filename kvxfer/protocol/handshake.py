@@ -26,6 +26,7 @@ have not finished their handshake off threads.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Optional
 
 from .. import auth
@@ -48,23 +49,27 @@ class ServerHandshake:
         secret: the shared secret, or None (no authentication).
         check_peer: raises LayoutMismatch if the peer's descriptor does not fit.
         admit: asked once the peer has proven itself; a reason refuses it (E_CLOSING).
+        ours: the HELLO we answer with, less nonce and proof (it carries our codec
+            offer); default ``Hello(name, descriptor)``.
     """
 
     def __init__(self, name: str, descriptor: bytes, secret: Optional[bytes],
-                 check_peer: CheckPeer, admit: Admit = lambda: None) -> None:
+                 check_peer: CheckPeer, admit: Admit = lambda: None,
+                 ours: Optional[Hello] = None) -> None:
         self.name, self.descriptor, self.secret = name, descriptor, secret
         self.check_peer, self.admit = check_peer, admit
+        self.ours = ours if ours is not None else Hello(name, descriptor)
         self.peer = "?"  # the peer's name, once its HELLO came
         self.done = False  # the peer may be served
         self.refused: Optional[str] = None  # why the connection ends (set once)
         self.code: Optional[int] = None  # the ERROR code we refused with; None: peer left
-        self._hello: Optional[Hello] = None
+        self.theirs: Optional[Hello] = None  # the peer's HELLO (its codec offer)
         self._script = b""
 
     @property
     def heard(self) -> bool:
         """The peer's HELLO came."""
-        return self._hello is not None
+        return self.theirs is not None
 
     @property
     def finished(self) -> bool:
@@ -75,9 +80,9 @@ class ServerHandshake:
         return [Error(0, 0, code, why)]
 
     def _accept(self, reply: Frame) -> list[Frame]:
-        assert self._hello is not None
+        assert self.theirs is not None
         try:
-            self.check_peer(self._hello.descriptor)
+            self.check_peer(self.theirs.descriptor)
         except LayoutMismatch as exc:
             return self._refuse(E_LAYOUT, str(exc))
         busy = self.admit()
@@ -97,10 +102,10 @@ class ServerHandshake:
         if ev is CLOSED or isinstance(ev, (Close, Error)):
             self.refused = f"peer {self.peer!r} left during the handshake"
             return []
-        if isinstance(ev, Hello) and self._hello is None:
-            self._hello, self.peer = ev, ev.name
+        if isinstance(ev, Hello) and self.theirs is None:
+            self.theirs, self.peer = ev, ev.name
             if self.secret is None:
-                return self._accept(Hello(self.name, self.descriptor))
+                return self._accept(self.ours)
             if not ev.nonce:
                 return self._refuse(E_AUTH, f"agent {self.name!r} requires authentication: "
                                     "give the connecting agent the same secret (secret= "
@@ -108,8 +113,8 @@ class ServerHandshake:
             nonce = auth.new_nonce()
             self._script = auth.transcript(ev.name, self.name, ev.descriptor, self.descriptor,
                                            ev.nonce, nonce)
-            return [Hello(self.name, self.descriptor, nonce=nonce,
-                          proof=auth.prove(self.secret, auth.SERVER, self._script))]
+            return [replace(self.ours, nonce=nonce,
+                            proof=auth.prove(self.secret, auth.SERVER, self._script))]
         if isinstance(ev, Auth) and self._script and self.secret is not None:
             if not auth.verify(self.secret, auth.CLIENT, self._script, ev.proof):
                 return self._refuse(E_AUTH, f"peer {self.peer!r} failed authentication: its "
@@ -124,18 +129,21 @@ class ClientHandshake:
     Args:
         name, descriptor, secret, check_peer: as for :class:`ServerHandshake`.
         expected: the name the peer must answer with (from its metadata).
+        ours: as for :class:`ServerHandshake`.
     """
 
     def __init__(self, name: str, descriptor: bytes, secret: Optional[bytes],
-                 check_peer: CheckPeer, expected: str) -> None:
+                 check_peer: CheckPeer, expected: str, ours: Optional[Hello] = None) -> None:
         self.name, self.descriptor, self.secret = name, descriptor, secret
         self.check_peer, self.expected = check_peer, expected
+        self.ours = ours if ours is not None else Hello(name, descriptor)
         self.done = False
+        self.theirs: Optional[Hello] = None  # the peer's HELLO (its codec offer)
         self._nonce = auth.new_nonce() if secret is not None else b""
         self._waiting_for_accept = False
 
     def hello(self) -> Hello:
-        return Hello(self.name, self.descriptor, nonce=self._nonce)
+        return replace(self.ours, nonce=self._nonce)
 
     def on_event(self, ev: Event) -> list[Frame]:
         """Frames to send in answer to ``ev``; ``done`` once the peer accepted us.
@@ -160,6 +168,7 @@ class ClientHandshake:
                 raise PeerUnreachable(f"{who} answered as {ev.name!r}: another agent "
                                       "listens at its address")
             self.check_peer(ev.descriptor)
+            self.theirs = ev
             if self.secret is None:
                 self.done = True
                 return []

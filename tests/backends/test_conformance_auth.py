@@ -17,6 +17,7 @@ import time
 import pytest
 
 import kvxfer
+from kvxfer import codec as C
 from kvxfer.metadata import decode_metadata, encode_metadata, metadata_incarnation
 from kvxfer.protocol import E_AUTH, Auth, Connection, Error, Hello, ReadRequest
 from kvxfer.protocol.handshake import ClientHandshake
@@ -58,6 +59,24 @@ def test_peers_with_the_same_secret_move_bytes(backend, peer_process):
         peer = agent.add_peer(peers.meta[SPEC.key])
         agent.read(peer, [1, 2], [3, 4]).wait(20)
         agent.write(peer, [5], [6]).wait(20)
+    assert block_bytes(layout, [3, 4]) == peers.call("blocks", SPEC.key, [1, 2])
+    assert peers.call("blocks", SPEC.key, [6]) == block_bytes(layout, [5])
+
+
+def test_an_authenticated_connection_agrees_on_a_codec_and_checks_every_chunk(backend,
+                                                                              peer_process):
+    two_sided(backend)  # the codec offer rides in the same HELLOs as the proofs
+    peers = peer_process([SPEC], secret=SECRET, compression="lz4", checksum=True)
+    agent, layout = local_agent(backend, secret=SECRET, compression="lz4", checksum=True)
+    with agent:
+        peer = agent.add_peer(peers.meta[SPEC.key])
+        agent.read(peer, [1, 2], [3, 4]).wait(20)
+        for region in layout.regions:
+            region.view[5].zero_()  # a block that compresses: the codec really runs
+        agent.write(peer, [5], [6]).wait(20)
+        (conn,) = agent.backend._clients
+        assert conn.codec.agreement.checksum and conn.codec.agreement.mode == C.LZ4
+        assert conn.codec.compressed_chunks > 0
     assert block_bytes(layout, [3, 4]) == peers.call("blocks", SPEC.key, [1, 2])
     assert peers.call("blocks", SPEC.key, [6]) == block_bytes(layout, [5])
 

@@ -16,6 +16,7 @@ import time
 import pytest
 
 from kvpeer import BACKENDS, usable_backend
+from netns_link import veth_link
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE = os.path.join(HERE, "netns_node.py")
@@ -54,24 +55,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 def link():
     """Namespaces A and B, veth 10.213.7.1 <-> 10.213.7.2, 200 Mbit/s each way."""
     tag = f"{os.getpid() % 100000}"
-    a, b = f"kvxa{tag}", f"kvxb{tag}"
-    va, vb = f"kva{tag}", f"kvb{tag}"
-    try:
-        _sh("ip", "netns", "add", a)
-        _sh("ip", "netns", "add", b)
-        _sh("ip", "link", "add", va, "type", "veth", "peer", "name", vb)
-        _sh("ip", "link", "set", va, "netns", a)
-        _sh("ip", "link", "set", vb, "netns", b)
-        for ns, dev, ip in ((a, va, "10.213.7.1/24"), (b, vb, "10.213.7.2/24")):
-            _sh("ip", "-n", ns, "addr", "add", ip, "dev", dev)
-            _sh("ip", "-n", ns, "link", "set", dev, "up")
-            _sh("ip", "-n", ns, "link", "set", "lo", "up")
-            _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
-                "rate", "200mbit", "burst", "256kb", "latency", "50ms")
-        yield {"a": a, "b": b, "va": va, "addr_a": "10.213.7.1"}
-    finally:
-        for ns in (a, b):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+    with veth_link(f"kvxa{tag}", f"kvxb{tag}", f"kva{tag}", f"kvb{tag}") as link:
+        yield link
 
 
 def _in(ns: str, *args: str) -> list[str]:
