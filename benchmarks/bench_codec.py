@@ -154,7 +154,7 @@ def fetch(meta_hex: str, rounds: int) -> None:
 
 
 def link(rounds: int, rates: list[str]) -> None:
-    from netns_link import veth_link
+    from netns import two_namespaces
 
     print(f"512 MiB read of real bf16 KV between two namespaces; {rounds} rounds, "
           f"medians; machine: {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}")
@@ -163,9 +163,7 @@ def link(rounds: int, rates: list[str]) -> None:
     for rate in rates:
         bits = float(rate[:-4]) * (1e9 if rate.endswith("gbit") else 1e6)
         burst = f"{max(256, int(bits / 8 / 250 / 1024))}kb"
-        tag = os.getpid() % 10000
-        with veth_link(f"kvc-a{tag}", f"kvc-b{tag}", f"kvc-va{tag}", f"kvc-vb{tag}",
-                       rate=rate, burst=burst, subnet="10.213.9") as ln:
+        with two_namespaces("kvc", subnet="10.213.9", rate=rate, burst=burst) as ln:
             env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
             me = os.path.abspath(__file__)
             src = subprocess.Popen(["ip", "netns", "exec", ln["a"], sys.executable, me,

@@ -145,12 +145,18 @@ def snapshot(layout: kvxfer.KVLayout) -> list[bytes]:
 
 
 def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
-              prefix: str = "peer") -> None:
+              prefix: str = "peer", netns: str | None = None) -> None:
     """Serve agents for ``specs`` until told to stop; answers commands on ``conn``.
 
     Agents are named ``{prefix}-{spec.key}`` (two peer processes need two prefixes).
+    With ``netns``, the process first moves into that network namespace (see netns.py).
     """
+    if netns is not None:
+        import netns as _netns
+
+        _netns.enter(netns)
     agents: dict[str, tuple[kvxfer.Agent, kvxfer.KVLayout]] = {}
+    begun: dict[bytes, kvxfer.TransferHandle] = {}  # "begin" transfers, by key
     try:
         for spec in specs:
             layout = build_layout(spec, seed)
@@ -162,8 +168,6 @@ def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
             cmd, *args = conn.recv()
             if cmd == "stop":
                 break
-            if cmd == "kill":  # die without closing anything, as a crashed process does
-                os.kill(os.getpid(), signal.SIGKILL)
             agent, layout = agents[args[0]]
             if cmd == "restart":  # a new incarnation under the same name, same blocks
                 agent.close()
@@ -197,6 +201,21 @@ def peer_main(conn: Any, specs: list[Spec], seed: int, options: dict,
                     conn.send("ok")
                 except kvxfer.KvxferError as exc:
                     conn.send(f"failed: {exc}")
+            elif cmd == "begin":  # (spec, meta, op, local, remote, key): start, answer
+                meta, op, local, remote, key = args[1:]
+                peer = agent.add_peer(meta)  # connected by a warm read into our last block
+                agent.read(peer, [0], [layout.num_blocks - 1]).wait(10)
+                if op == "read":
+                    begun[key] = agent.read(peer, remote, local)
+                else:
+                    begun[key] = agent.write(peer, local, remote, notify=key)
+                conn.send("started")
+            elif cmd == "outcome":  # (spec, key, timeout): how a begun transfer ended
+                try:
+                    begun.pop(args[1]).wait(args[2])
+                    conn.send("ok")
+                except kvxfer.KvxferError as exc:
+                    conn.send(f"failed: {exc}")
             elif cmd == "read_from":  # the peer initiates: read blocks from the test's agent
                 meta, remote, local = args[1:]
                 try:
@@ -213,11 +232,14 @@ class PeerProcess:
     """A spawned process hosting one agent per spec; see kvpeer.peer_main."""
 
     def __init__(self, specs: list[Spec], seed: int = 1, prefix: str = "peer",
-                 **options: Any) -> None:
-        ctx = mp.get_context("spawn")
+                 netns: str | None = None, start: str = "spawn", **options: Any) -> None:
+        """``netns``: the network namespace the peer runs in (see netns.py); ``start``:
+        the multiprocessing start method ("forkserver" with kvpeer preloaded starts a
+        peer in a tenth of a second instead of seconds)."""
+        ctx = mp.get_context(start)
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=peer_main, args=(child, specs, seed, options, prefix),
-                                daemon=True)
+        self.proc = ctx.Process(target=peer_main,
+                                args=(child, specs, seed, options, prefix, netns), daemon=True)
         self.proc.start()
         child.close()
         self.meta: dict[str, bytes] = self._recv(60)
@@ -231,8 +253,17 @@ class PeerProcess:
         self.conn.send(cmd)
         return self._recv(timeout)
 
+    def send(self, *cmd: Any) -> None:
+        """A command whose answer is read later (:meth:`answer`), or never."""
+        self.conn.send(cmd)
+
+    def answer(self, timeout: float = 30) -> Any:
+        return self._recv(timeout)
+
     def kill(self) -> None:
-        self.conn.send(("kill",))
+        """SIGKILL: the peer dies at once, without closing anything, even mid-command."""
+        if self.proc.is_alive():  # never signal a pid that may be another process now
+            os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.join(10)
 
     def thread_states(self) -> list[str]:

@@ -8,15 +8,14 @@ between the two namespaces this test creates, on addresses of its own.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 
+import netns
 from kvpeer import BACKENDS, usable_backend
-from netns_link import veth_link
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NODE = os.path.join(HERE, "netns_node.py")
@@ -24,24 +23,7 @@ SPEC = "nhd-bfloat16-4096-3"  # a read of half its blocks is 3 MiB: ~0.13 s on t
 BIG = "nhd-bfloat16-16384-3"  # 12 MiB: still in flight when the link goes down
 
 
-def _sh(*cmd: str) -> None:
-    subprocess.run(cmd, check=True, capture_output=True, timeout=10)
-
-
-def _netns_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to create network namespaces"
-    if not shutil.which("ip") or not shutil.which("tc"):
-        return "needs iproute2 (ip, tc)"
-    probe = f"kvxprobe{os.getpid()}"
-    try:
-        _sh("ip", "netns", "add", probe)
-        _sh("ip", "netns", "del", probe)
-    except (subprocess.SubprocessError, OSError) as exc:
-        return f"cannot create a network namespace here: {exc}"
-    return None
-
-
+_netns_usable = netns.usable
 pytestmark = pytest.mark.skipif(_netns_usable() is not None, reason=str(_netns_usable()))
 
 
@@ -54,9 +36,8 @@ def backend(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def link():
     """Namespaces A and B, veth 10.213.7.1 <-> 10.213.7.2, 200 Mbit/s each way."""
-    tag = f"{os.getpid() % 100000}"
-    with veth_link(f"kvxa{tag}", f"kvxb{tag}", f"kva{tag}", f"kvb{tag}") as link:
-        yield link
+    with netns.two_namespaces("kvx") as made:
+        yield made
 
 
 def _in(ns: str, *args: str) -> list[str]:
@@ -101,7 +82,7 @@ def test_link_down_mid_transfer_fails_within_the_deadline(link, backend):
             pass  # NIXL's log lines
         assert line.strip() == "STARTED"
         time.sleep(0.1)
-        _sh("ip", "-n", link["a"], "link", "set", link["va"], "down")
+        link.set_up(False)
         out, _ = fetch.communicate(timeout=30)
         assert out.startswith("FAILED after") and "TransferTimeout" in out, out
         # The 5 s deadline, plus (nixl) at most 1.5 s waiting for posted one-sided reads
