@@ -36,7 +36,6 @@ payloads). UCX and NIXL open lanes of their own, which the relay cannot sit in.
 from __future__ import annotations
 
 import base64
-import inspect
 import json
 import multiprocessing as mp
 import os
@@ -50,6 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch  # noqa: E402
 
 import kvxfer  # noqa: E402
+from kvxfer.backends import get_backend  # noqa: E402
 import netns  # noqa: E402
 from kvpeer import PeerProcess, Spec, block_bytes, build_layout  # noqa: E402
 from relay import relay_main  # noqa: E402
@@ -65,8 +65,6 @@ CHUNKS = {"chunk_bytes": 256 << 10, "max_inflight": 2}
 DEST = list(range(1024, 1024 + len(SRC)))  # contiguous; 1023 and 3072 are canaries
 VICTIM_SEED, RESTART_SEED, DRIVER_SEED, HEALTHY_SEED = 1, 3, 2, 4
 RELAYED = ("tcp", "nccl")
-# The codec's per-chunk checksums (Agent(checksum=True)), where this kvxfer has them.
-CHECKSUM = "checksum" in inspect.signature(kvxfer.Agent.__init__).parameters
 
 
 class Hang(Exception):
@@ -96,7 +94,10 @@ class World:
     def __init__(self, link: netns.Link, backend: str) -> None:
         self.link, self.backend = link, backend
         self.ctx = mp.get_context("forkserver")
-        self.options: dict[str, Any] = {"checksum": True} if CHECKSUM else {}
+        # The codec's per-chunk checksums where a backend has a data path of ours (not
+        # nixl's one-sided reads): what catches a payload altered past TCP's checksum.
+        self.options: dict[str, Any] = ({} if get_backend(backend).one_sided
+                                        else {"checksum": True})
         self.layout = build_layout(BIG, DRIVER_SEED)
         self.expect = {seed: block_bytes(build_layout(BIG, seed), SRC)
                        for seed in (VICTIM_SEED, RESTART_SEED)}

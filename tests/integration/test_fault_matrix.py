@@ -56,7 +56,4 @@ def test_fault_case(matrix, backend: str, case: faults.Case) -> None:
     assert case.name in runs, f"the driver gave no result for {case.name}:\n{stderr}"
     run = runs[case.name]
     wrong = faults.verdict(case, run)
-    if wrong == ["corrupt"] and case.needs_checksum and not faults.CHECKSUM:
-        pytest.xfail(f"{case.name}: a flipped payload byte landed in KV; it takes "
-                     "Agent(checksum=True) (the codec work) to catch it")
     assert not wrong, f"{case.name} over {backend}: {wrong}\n{run}"
