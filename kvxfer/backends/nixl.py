@@ -57,9 +57,11 @@ import torch
 from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreachable,
                       RemoteProtocolError)
 from ..handle import TransferHandle
+from ..heads import exchange_heads
 from ..memory import RegisteredMemory
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 from .nixl_descriptors import head_pieces, region_table, strided_rows
+from .nixl_landing import LandingPool
 # QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
 from .nixl_peers import IDLE_POLL, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
 
@@ -112,6 +114,7 @@ class NixlBackend(NixlPeerLinks, Backend):
         self._connecting: dict[str, threading.Lock] = {}  # one connect per name at a time
         self._thread: Optional[threading.Thread] = None
         self._stuck: list[Any] = []  # warm-up xfers that never settled (into scratch only)
+        self._landings: Any = None  # LandingPool: where reads land (nixl_landing)
 
     # ------------------------------------------------------------- lifecycle
     def start(self, memory: RegisteredMemory, notify: NotifySink) -> None:
@@ -132,6 +135,8 @@ class NixlBackend(NixlPeerLinks, Backend):
         self._reg = self._agent.register_memory(list(storages.values()), self._mem_type)
         self._local = self._agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT", strided_rows(region_table(memory), self._device), self._mem_type)
+        self._landings = LandingPool(self._agent, self._mem_type, self._device,
+                                     memory.layout.device, self.config.chunk_bytes)
         scratch = torch.empty(memory.layout.regions[0].block_bytes, dtype=torch.uint8)
         self._scratch = (scratch, self._agent.register_memory(
             [(scratch.data_ptr(), scratch.nbytes, 0, "")], "DRAM"), {})
@@ -200,6 +205,10 @@ class NixlBackend(NixlPeerLinks, Backend):
                    device: int) -> NixlPeer:
         assert self._memory is not None
         ours, theirs = head_pieces(self._memory, peer.descriptor)
+        # Our heads those pieces hold, as unpack_from takes them (a read lands packed).
+        local_heads = None if ours is None else \
+            exchange_heads(self._memory.layout.descriptor, peer.descriptor).explicit()[0]
+        assert ours is None or self._memory.segments(local_heads) == ours
         if ours is not None and len(table) * ours.count * \
                 max(self._memory.num_blocks, peer.descriptor.num_blocks) > MAX_INDEX:
             raise LayoutMismatch("NIXL indexes descriptors with C ints: at most 2**31 "
@@ -228,7 +237,8 @@ class NixlBackend(NixlPeerLinks, Backend):
                 raise PeerUnreachable(f"NIXL cannot reach peer {peer.name!r}: {exc}") from exc
             conn = NixlPeer(peer.name, nixl_name, peer.backend_metadata, dlist,
                              peer.descriptor.num_blocks, self.config.max_inflight,
-                             local_dlist, 1 if ours is None else ours.count)
+                             self._memory.block_bytes if ours is None else ours.nbytes, local_dlist,
+                             1 if ours is None else ours.count, local_heads)
             self._peers.append(conn)
             return conn
 
@@ -290,6 +300,9 @@ class NixlBackend(NixlPeerLinks, Backend):
                     self._stuck.remove(xfer)
                     self._release_xfer(xfer)
             self._local.release()
+            problem = self._landings.close()
+            if problem:
+                log.debug("%s", problem)
             self._agent.deregister_memory(self._reg)
             if not self._stuck:  # one still in flight may land in scratch: keep it
                 for scratch_list in self._scratch[2].values():

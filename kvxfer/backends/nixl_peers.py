@@ -15,8 +15,9 @@ sides, so a run of blocks in a dense region is one operation. READ pulls the pee
 blocks into ours; WRITE pushes. The peer's CPU is not involved. A posted xfer's life::
 
     queue.next -> make_prepped_xfer + transfer -> xfers[key] -> check_xfer_state
-                                                                  PROC: poll again
-                          released, slot freed (queue.finish)  <- DONE: chunk_done
+                  (a read: into a landing buffer)                 PROC: poll again
+                          released, slot freed (queue.finish)  <- DONE: write: chunk_done
+                                                                   read: _land, chunk_done
                                                                <- ERR:  peer dead
 
 - ``settle`` (for ``quiesce``, called by ``handle.fail``: cancel, deadline, errors)
@@ -25,8 +26,12 @@ blocks into ours; WRITE pushes. The peer's CPU is not involved. A posted xfer's 
   poll thread stopped. Releasing an active NIXL xfer does not stop it (UCX may go on
   writing after the release), so we never release one before it settles. Past
   ``QUIESCE_BOUND`` seconds the connection to that peer is broken (``_break``: remote
-  agent invalidated, its requests cancelled and endpoint closed), its transfers fail,
-  and a warning is logged: that is the most NIXL lets us do against a stuck operation.
+  agent removed, xfers released), its transfers fail, and a warning is logged. That
+  does not stop UCX (measured: a released read lands in full once its stopped peer
+  resumes), which is why reads land in a buffer of ours (:mod:`.nixl_landing`): a
+  broken read's buffer is quarantined, and only ``_land``, under the handle's
+  ``data_lock`` while it is active, writes the KV blocks. A broken *write* can still
+  reach the peer's blocks late; the peer never got its notify for them.
 - An ``ERR`` state marks the peer dead (``_kill``: nothing more is posted) and fails
   its transfers; a peer that just goes silent is caught by the Agent's deadline
   watchdog. A NIXL refusal to build an xfer fails that request only.
@@ -46,11 +51,13 @@ from typing import Any, Callable, Optional
 
 from ..errors import PeerUnreachable, TransferFailed
 from ..handle import TransferHandle
+from ..heads import HeadRange
 from ..memory import RegisteredMemory
-from ..plan import Message
+from ..plan import Chunk, Message
 from ..scheduler import ChunkQueue
 from .base import BackendPeer
 from .nixl_descriptors import chunk_indices
+from .nixl_landing import Landing, LandingPool, landing_order
 
 log = logging.getLogger("kvxfer.nixl")
 
@@ -68,8 +75,8 @@ class NixlPeer(BackendPeer):
     """
 
     def __init__(self, name: str, nixl_name: str, metadata: bytes, dlist: Any,
-                 num_blocks: int, max_inflight: int, local_dlist: Any = None,
-                 pieces: int = 1) -> None:
+                 num_blocks: int, max_inflight: int, piece_bytes: int, local_dlist: Any = None,
+                 pieces: int = 1, local_heads: Optional[HeadRange] = None) -> None:
         self.name = name
         self.nixl_name = nixl_name
         self.metadata = metadata  # the backend metadata it was connected with
@@ -78,9 +85,12 @@ class NixlPeer(BackendPeer):
         # backend's whole-block list) and the pieces per block both lists cut blocks into.
         self.local_dlist = local_dlist
         self.pieces = pieces
+        self.piece_bytes = piece_bytes  # bytes of one piece (a whole block when pieces == 1)
+        self.local_heads = local_heads  # our heads those pieces hold (None: whole blocks)
         self.num_blocks = num_blocks
         self.queue = ChunkQueue(max_inflight, messages_after_finish=True)
         self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
+        self.landings: dict[Key, Landing] = {}  # where posted reads land (nixl_landing)
         self.dead: Optional[BaseException] = None  # set once: nothing more is posted
 
     @property
@@ -100,6 +110,7 @@ class NixlPeerLinks:
     _agent: Any  # the NIXL agent; None once closed
     _memory: Optional[RegisteredMemory]
     _local: Any  # prepared local descriptor list
+    _landings: LandingPool  # where reads land before we fill the blocks
     _peers: list[NixlPeer]  # live ones, and dead ones until retired
 
     # ------------------------------------------------------------- settling
@@ -107,18 +118,23 @@ class NixlPeerLinks:
         """Poll ``peer``'s posted xfers that ``mine(key)`` selects until each settled
         (DONE or ERR); past QUIESCE_BOUND, break the connection. Any thread, unlocked."""
         limit = time.monotonic() + QUIESCE_BOUND
+        events: list[tuple] = []
+        failures: Failures = []
         while True:
             with self._cond:
                 for key in [k for k in peer.xfers if mine(k)]:
-                    self._check(peer, key, [])
+                    self._check(peer, key, events)
                 if not any(mine(k) for k in peer.xfers):
-                    return
+                    break
                 if time.monotonic() >= limit:
                     log.warning("NIXL transfers to %r did not settle within %.1f s; "
                                 "breaking the connection", peer.name, QUIESCE_BOUND)
                     failures = self._break(peer)
                     break
                 self._cond.wait(IDLE_POLL)
+        for fn, *args in events:  # reads that landed: their buffers go back (their
+            if fn == self._land:  # handles are failing, so nothing is placed)
+                fn(*args)
         self._fail_all(failures)
 
     def _break(self, peer: NixlPeer) -> Failures:
@@ -132,6 +148,9 @@ class NixlPeerLinks:
         for key, xfer in list(peer.xfers.items()):
             self._release_xfer(xfer)
             peer.queue.finish(*key)
+            landing = peer.landings.pop(key, None)
+            if landing is not None:  # UCX may still write it: never again ours to use
+                self._landings.quarantine(landing)
         peer.xfers.clear()
         self._cond.notify_all()
         return failures
@@ -202,19 +221,45 @@ class NixlPeerLinks:
             return
         del peer.xfers[key]
         self._release_xfer(xfer)
+        landing = peer.landings.pop(key, None)
         self._cond.notify_all()  # quiescers wait for this
         posted = peer.queue.finish(*key)
-        if posted is None:
+        handle, chunk = posted if posted is not None else (None, None)
+        if handle is None or not handle.active or state == "ERR":
+            if landing is not None:  # settled: nothing writes it any more
+                self._landings.give(landing)
+            if handle is not None and handle.active:  # ERR: the endpoint's, the peer gone
+                err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed (chunk "
+                                      f"{chunk.index} of {handle.op} #{handle.request_id})")
+                events.append((self._fail_all, self._kill(peer, err)))
             return
-        handle, chunk = posted
-        if not handle.active:
-            return
-        if state == "ERR":  # UCX errors are the endpoint's: the peer is gone
-            err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed (chunk "
-                                  f"{chunk.index} of {handle.op} #{handle.request_id})")
-            events.append((self._fail_all, self._kill(peer, err)))
+        if landing is not None:
+            events.append((self._land, peer, handle, chunk, landing))
             return
         events.append((handle.chunk_done, chunk))
+
+    def _land(self, peer: NixlPeer, handle: TransferHandle, chunk: Chunk,
+              landing: Landing) -> None:
+        """Fill a read chunk's blocks from where NIXL landed it: under the handle's
+        ``data_lock`` and only while it is active. Unlocked (not under ``_cond``)."""
+        memory = self._memory
+        assert memory is not None
+        try:
+            with handle.data_lock:
+                placed = handle.active
+                if placed:
+                    memory.unpack_from(chunk.layers, chunk.local_runs, landing.tensor,
+                                       peer.local_heads)
+        except Exception as exc:  # noqa: BLE001 - this request's failure, not the link's
+            handle.fail(TransferFailed(
+                f"placing chunk {chunk.index} of read #{handle.request_id}: {exc}",
+                peer=peer.name, request_id=handle.request_id, cause=exc))
+            placed = False
+        finally:
+            with self._cond:
+                self._landings.give(landing)
+        if placed:
+            handle.chunk_done(chunk)
 
     def _post_ready(self, peer: NixlPeer, events: list[tuple]) -> None:
         """Post what the queue lets go now (active handles only). Locked."""
@@ -236,20 +281,31 @@ class NixlPeerLinks:
                 continue
             memory = self._memory
             assert memory is not None
+            landing = None
             try:
                 parts, pieces = memory.num_parts, peer.pieces
+                remote = chunk_indices(chunk, parts, peer.num_blocks, 1, pieces)
+                if handle.op == "read":  # into a landing buffer, placed by _land
+                    landing = self._landings.take(peer.piece_bytes, len(remote))
+                    local_list = landing.dlist
+                    local = landing_order(len(chunk.layers) * parts, pieces, chunk.num_blocks)
+                else:  # a write reads our blocks where they are
+                    local_list = self._local if peer.local_dlist is None else peer.local_dlist
+                    local = chunk_indices(chunk, parts, memory.num_blocks, 0, pieces)
                 xfer = self._agent.make_prepped_xfer(
-                    "READ" if handle.op == "read" else "WRITE",
-                    self._local if peer.local_dlist is None else peer.local_dlist,
-                    chunk_indices(chunk, parts, memory.num_blocks, 0, pieces),
-                    peer.dlist, chunk_indices(chunk, parts, peer.num_blocks, 1, pieces))
+                    "READ" if handle.op == "read" else "WRITE", local_list, local,
+                    peer.dlist, remote)
             except Exception as exc:  # noqa: BLE001 - this request's blocks, not the link
+                if landing is not None:
+                    self._landings.give(landing)
                 peer.queue.finish(*key)
                 events.append((handle.fail, TransferFailed(
                     f"NIXL refused chunk {chunk.index} of {handle.op} #{handle.request_id}: "
                     f"{exc}", peer=peer.name, request_id=handle.request_id, cause=exc)))
                 continue
             peer.xfers[key] = xfer
+            if landing is not None:
+                peer.landings[key] = landing
             try:
                 state = self._agent.transfer(xfer)
             except Exception as exc:  # noqa: BLE001
