@@ -58,8 +58,10 @@ class SubscriberConfig:
 
     # How often (ms) the thread wakes to check for close().
     poll_ms: int = 50
-    # How long to wait for the replay ROUTER's answer to one gap.
+    # How long to wait for the replay ROUTER's answer to one gap, and how many times to
+    # ask before the gap counts as lost (a publisher busy flooding answers late).
     replay_timeout_s: float = 2.0
+    replay_attempts: int = 3
     # Clear the worker when a gap cannot be replayed (keeps the index conservative).
     clear_on_unrecovered_gap: bool = True
     # On the first message, replay the engine's buffered history before it.
@@ -253,7 +255,11 @@ class KVEventSubscriber:
     def _recover(self, start: int, until: int, decoder: BatchDecoder) -> None:
         self._stats.gaps += 1
         self._flush()
-        got = self._fetch_replay(start, until) if self.replay_endpoint else None
+        got = None
+        for _ in range(self.config.replay_attempts if self.replay_endpoint else 0):
+            got = self._fetch_replay(start, until)
+            if got is not None or self._stop.is_set():  # answered (whole or not), or closing
+                break
         if got is not None and len(got) == until - start:
             for seq in sorted(got):
                 self._apply(got[seq], decoder)

@@ -127,6 +127,26 @@ def test_a_dropped_batch_is_recovered_by_replay(engine, wait_until, topic):
         assert (stats.gaps, stats.replayed, stats.unrecovered_gaps) == (1, 1, 0)
 
 
+def test_a_replay_answered_late_is_asked_again_before_the_gap_counts_as_lost(engine,
+                                                                             wait_until):
+    idx = PrefixIndex()
+    config = SubscriberConfig(poll_ms=10, replay_timeout_s=0.3, replay_attempts=3)
+    with KVEventSubscriber(idx, "w", engine.endpoint, engine.replay_endpoint,
+                           config=config) as sub:
+        engine.sync(sub, wait_until)
+        lost = engine.seq
+        engine.seq += 1                                   # never sent on the PUB
+        after = engine.send(ARRAY.batch(ARRAY.stored([7])))
+        assert engine.router.poll(5000)
+        engine.router.recv_multipart()                    # a busy publisher: no answer
+        engine.serve_replay({lost: ARRAY.batch(ARRAY.stored([5, 6])),
+                             after: ARRAY.batch(ARRAY.stored([7]))})
+        assert sub.wait_applied(after, 5)
+        assert idx.match([5, 6]) == {"w": 2} and idx.match([7]) == {"w": 1}
+        stats = sub.stats()
+        assert (stats.gaps, stats.replayed, stats.unrecovered_gaps) == (1, 1, 0)
+
+
 def test_an_unrecoverable_gap_clears_the_worker(wait_until):
     engine = FakeEngine(replay=False)
     idx = PrefixIndex()
