@@ -162,6 +162,9 @@ class NixlChecksums:
     def _init_checksums(self) -> None:
         self._replies: OrderedDict[str, bytes] = OrderedDict()  # reply links: name -> md
         self.landed_hook: Optional[LandedHook] = None  # tests only
+        # Tests only: called (poll thread, unlocked) with a write's checked WRITE frame
+        # before the landed blocks are hashed.
+        self.sum_hook: Optional[Callable[[Write], None]] = None
         self.verified_chunks = 0  # reads placed after the owner's sum matched
         self.checked_writes = 0  # incoming write chunks whose sum matched
         self.corrupt_writes = 0  # incoming write chunks whose sum did not match
@@ -321,6 +324,9 @@ class NixlChecksums:
             if not isinstance(w, Write) or w.enc is None or w.enc.checksum is None:
                 raise RemoteProtocolError("a write's checksum note without a sum")
             key = decode_note(w.notify).key if w.notify else None
+            hook = self.sum_hook
+            if hook is not None:
+                hook(w)
             ours = blocks_checksum(self._memory, w.layers, w.runs, w.heads)
         except (ProtocolError, BlockOutOfRange) as exc:
             log.warning("dropping a malformed checksum note from %r: %s", sender, exc)
