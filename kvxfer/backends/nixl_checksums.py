@@ -81,9 +81,19 @@ PREFIXES = (INTRO, ASK, ANSWER, SUM)
 LandedHook = Callable[[Chunk, torch.Tensor], None]
 
 
-def tensor_checksum(t: torch.Tensor) -> int:
-    """xxh3-64 of a contiguous uint8 tensor's bytes (copied to the host if need be)."""
-    return checksum(memoryview(t.cpu().numpy()))
+def tensor_checksum(t: torch.Tensor, memory: Optional[RegisteredMemory] = None) -> int:
+    """xxh3-64 of a contiguous uint8 tensor's bytes. A CUDA tensor is copied to pinned
+    host memory on the calling thread's own stream (``memory.thread_stream()``), which
+    alone is waited for: never the engine's stream or the device."""
+    if t.device.type == "cpu":
+        return checksum(memoryview(t.numpy()))
+    assert memory is not None, "a CUDA tensor is copied on the backend thread's stream"
+    host = torch.empty(t.numel(), dtype=torch.uint8, pin_memory=True)
+    stream = memory.thread_stream()
+    with torch.cuda.stream(stream):
+        host.copy_(t, non_blocking=True)
+    stream.synchronize()
+    return checksum(memoryview(host.numpy()))
 
 
 def blocks_checksum(memory: RegisteredMemory, layers: tuple[int, ...] | list[int],
@@ -99,7 +109,7 @@ def blocks_checksum(memory: RegisteredMemory, layers: tuple[int, ...] | list[int
         return checksum_parts(memory.host_buffers(layers, runs))
     packed = torch.empty(nbytes, dtype=torch.uint8, device=memory.layout.device)
     memory.pack_into(layers, runs, packed, heads)
-    return tensor_checksum(packed)
+    return tensor_checksum(packed, memory)
 
 
 def answer(memory: RegisteredMemory, raw: bytes) -> Frame:
@@ -165,7 +175,7 @@ class NixlChecksums:
         # Tests only: called (poll thread, unlocked) with a write's checked WRITE frame
         # before the landed blocks are hashed.
         self.sum_hook: Optional[Callable[[Write], None]] = None
-        self.verified_chunks = 0  # reads placed after the owner's sum matched
+        self.verified_chunks = 0  # read chunks whose sum matched the owner's
         self.checked_writes = 0  # incoming write chunks whose sum matched
         self.corrupt_writes = 0  # incoming write chunks whose sum did not match
 
@@ -195,7 +205,7 @@ class NixlChecksums:
         hook = self.landed_hook
         if hook is not None:
             hook(chunk, landing.tensor)
-        ours = tensor_checksum(landing.tensor[:nbytes])
+        ours = tensor_checksum(landing.tensor[:nbytes], self._memory)
         ask = ASK + encode_detached(ReadRequest(handle.request_id, chunk.index, chunk.layers,
                                                 chunk.remote_runs, peer.remote_heads))
         failure = None
@@ -236,9 +246,9 @@ class NixlChecksums:
         what = f"chunk {chunk.index} of read #{handle.request_id} from {peer.name!r}"
         if isinstance(frame, Data) and frame.enc is not None and \
                 frame.enc.raw_len == nbytes and frame.enc.checksum == ours:
-            self._land(peer, handle, chunk, landing)
             with self._cond:
                 self.verified_chunks += 1
+            self._land(peer, handle, chunk, landing)
             return
         with self._cond:
             self._landings.give(landing)

@@ -266,3 +266,32 @@ def test_compression_is_still_refused_on_nixl_and_checksums_are_accepted():
         kvxfer.Agent("x", backend="nixl", compression="lz4")
     with kvxfer.Agent("y", backend="nixl", checksum=True) as agent:
         assert agent.config.checksum
+
+
+def test_an_introduction_is_tagged_with_the_shared_secret():
+    from kvxfer.backends.nixl_checksums import decode_intro, encode_intro
+
+    secret = b"s" * 32
+    raw = encode_intro(b"nixl-md", secret)
+    assert decode_intro(raw, secret, "r") == b"nixl-md"
+    assert decode_intro(encode_intro(b"nixl-md", None), None, "r") == b"nixl-md"
+    with pytest.raises(kvxfer.AuthenticationFailed):
+        decode_intro(raw, b"t" * 32, "r")  # another deployment's
+    with pytest.raises(kvxfer.AuthenticationFailed):
+        decode_intro(encode_intro(b"nixl-md", None), secret, "r")  # untagged
+    with pytest.raises(RemoteProtocolError):
+        decode_intro(raw[:9], secret, "r")
+
+
+def test_checksummed_reads_work_between_agents_sharing_a_secret():
+    secret = b"k" * 32
+    owner, src = local_agent(SPEC, seed=1, name="owner", backend="nixl", secret=secret)
+    reader, dst = local_agent(SPEC, seed=2, name="reader", backend="nixl", secret=secret,
+                              checksum=True)
+    try:
+        reader.read(reader.add_peer(owner.metadata()), [6, 7], [1, 2]).wait(20)
+        assert block_bytes(dst, [1, 2]) == block_bytes(src, [6, 7])
+        assert reader.backend.verified_chunks >= 1
+    finally:
+        reader.close()
+        owner.close()
