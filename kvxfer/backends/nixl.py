@@ -256,7 +256,7 @@ class NixlBackend(NixlChecksums, NixlPeerLinks, Backend):
                              1 if ours is None else ours.count, local_heads)
             conn.checksum, conn.remote_heads = checksum, remote_heads
             # Our connection to it now carries answers to its checksum requests too.
-            self._replies.pop(peer.name, None)
+            self._replies.pop(nixl_name, None)
             self._peers.append(conn)
             return conn
 
