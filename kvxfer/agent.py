@@ -43,10 +43,10 @@ def _order_stream_after(stream: Any, memory: RegisteredMemory) -> None:
     done.record(memory.thread_stream())
     stream.wait_event(done)
 
-def _one_sided_codec(backend: str, compression: str, checksum: bool) -> str:
-    what = f"compression={compression!r}" if compression != "none" else "checksum=True"
-    return (f"{what} needs a two-sided backend ({', '.join(TWO_SIDED)}): {backend!r} is "
-            f"one-sided (the peer's memory is read directly, nothing of ours runs there)")
+def _one_sided_codec(backend: str, compression: str) -> str:
+    return (f"compression={compression!r} needs a two-sided backend "
+            f"({', '.join(TWO_SIDED)}): {backend!r} is one-sided (the peer's memory is read "
+            f"directly, nothing of ours decodes there); checksum=True works on it")
 
 
 MAX_NOTIFY = 64 << 10
@@ -89,7 +89,12 @@ class Agent:
         checksum: an xxh3-64 of every chunk, checked before the chunk is placed (it is
             received into staging first); a mismatch fails the transfer with
             :class:`~kvxfer.errors.ChecksumMismatch` as its cause, the blocks untouched.
-            On when either side of a connection asks. Two-sided backends only.
+            On when either side of a connection asks. nixl (one-sided): the reader
+            lands a read in its own buffer, asks the owner for the xxh3-64 of the same
+            blocks and places the chunk only if both agree; a writer sends the xxh3-64 of
+            each chunk it wrote, which the receiver checks against the landed bytes (they
+            are in its blocks by then: a mismatch fails its :meth:`incoming` stream and
+            is logged; the writer's handle is not told). See the README's nixl limits.
         metrics: Prometheus metrics of this agent's transfers (:mod:`kvxfer.metrics`):
             True for prometheus_client's default registry, a ``CollectorRegistry``, or
             None (default: off, no cost on the data path).
@@ -108,8 +113,8 @@ class Agent:
     Raises:
         BackendUnavailable: the backend's library is missing (names the pip extra).
         PeerUnreachable: cannot listen on ``listen``.
-        ValueError: a bad argument; compression or checksums asked of a one-sided
-            backend (nixl), or a codec whose library is missing.
+        ValueError: a bad argument; compression asked of a one-sided backend (nixl),
+            or a codec whose library is missing.
     """
 
     def __init__(self, name: str, backend: str = "tcp", listen: str = "127.0.0.1:0", *,
@@ -133,8 +138,8 @@ class Agent:
             raise ValueError(f"transfer_buffer_bytes ({transfer_buffer_bytes}) must hold at "
                              f"least one chunk ({chunk_bytes})")
         check_mode(compression)
-        if (compression != "none" or checksum) and backend in ONE_SIDED:
-            raise ValueError(_one_sided_codec(backend, compression, checksum))
+        if compression != "none" and backend in ONE_SIDED:
+            raise ValueError(_one_sided_codec(backend, compression))
         if transfer_timeout <= 0:
             raise ValueError(f"transfer_timeout must be positive, got {transfer_timeout}")
         self.name = name
@@ -151,8 +156,8 @@ class Agent:
                                     secret=resolve_secret(secret), hello_timeout=hello_timeout,
                                     max_connections=max_connections)
         cls = get_backend(backend)
-        if (compression != "none" or checksum) and cls.one_sided:
-            raise ValueError(_one_sided_codec(backend, compression, checksum))
+        if compression != "none" and cls.one_sided:
+            raise ValueError(_one_sided_codec(backend, compression))
         self.backend = cls(name, listen, self.config)
         warn_if_open(name, listen, self.config.secret)
         self.backend_name = backend
@@ -167,6 +172,7 @@ class Agent:
         self._gate = TransferGate(max_inflight_transfers)
         self._fills = PrefetchFills()  # what pending prefetch reads fill
         self._inbox = Inbox(max_unread_notify_bytes, max_incoming)
+        self.backend.on_corrupt = self._inbox.corrupt
         self._ids = itertools.count(1)
         self._stop = threading.Event()
         self._watchdog = threading.Thread(target=self._watch, daemon=True,

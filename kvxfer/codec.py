@@ -22,7 +22,8 @@ Every chunk travels as one frame payload; its ENC field (protocol version 5) say
   raw bytes actually go out uncompressed, with lz4 and with zstd, uses the fastest, and
   tries its neighbours again from time to time.
 - Checksums: xxh3-64 of the raw chunk, computed before encoding and checked after
-  decoding, before a byte reaches the KV cache.
+  decoding, before a byte reaches the KV cache. The nixl backend uses the same
+  :func:`checksum` over its landing buffers and blocks (:mod:`.backends.nixl_checksums`).
 
 Both sides say in HELLO what they want and what they can decode; :func:`agree` turns the
 two offers into one :class:`Agreement` per connection, the same on both sides.
@@ -34,7 +35,7 @@ import importlib.util
 import logging
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 
@@ -51,7 +52,7 @@ MODES = {"none": NONE, "lz4": LZ4, "zstd": ZSTD, "auto": AUTO}
 MODE_NAMES = {v: k for k, v in MODES.items()}
 EXTRA = "pip install 'kvxfer[compress]'"
 TWO_SIDED = ("tcp", "ucx", "nccl")  # backends with the codec on their data path
-ONE_SIDED = ("nixl",)
+ONE_SIDED = ("nixl",)  # no compression; checksums, verified by the reader
 
 
 def available_codecs() -> tuple[int, ...]:
@@ -137,6 +138,17 @@ def checksum(raw: memoryview | bytes) -> int:
     import xxhash
 
     return xxhash.xxh3_64_intdigest(raw)
+
+
+def checksum_parts(parts: Iterable[memoryview | bytes]) -> int:
+    """xxh3-64 of the concatenation of ``parts`` (equal to ``checksum(b"".join(parts))``),
+    without joining them."""
+    import xxhash
+
+    h = xxhash.xxh3_64()
+    for part in parts:
+        h.update(part)
+    return h.intdigest()
 
 
 def encode(raw: memoryview, codec: int, elem: int) -> tuple[bytes, int]:

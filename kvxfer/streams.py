@@ -29,6 +29,7 @@ held back until the engine signals their layer::
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -39,6 +40,8 @@ from .errors import TransferFailed, TransferTimeout
 from .handle import DEMAND, LATER, POLL, READY, TransferHandle
 from .plan import Chunk, Message, Run, chunk_size, plan_chunks, plan_layer_chunks
 from .protocol.frames import NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, Note, decode_note, encode_note
+
+log = logging.getLogger("kvxfer.streams")
 
 KEEP_FINISHED = 1024  # finished incoming transfers kept after the engine asked for them
 
@@ -186,6 +189,9 @@ class IncomingTransfer:
         self._cond = threading.Condition()
         self._landed: set[int] = set()
         self._finished = False
+        # Set once by the receiving backend: what landed does not match what the writer
+        # sent (nixl checksums); every wait raises it from then on.
+        self._error: Optional[TransferFailed] = None
         self.asked = False  # the engine has asked for it (never set back)
 
     @property
@@ -207,22 +213,37 @@ class IncomingTransfer:
             self._finished = True
             self._cond.notify_all()
 
+    def fail(self, exc: BaseException) -> None:
+        """What landed is wrong (the first failure is kept): every wait raises it."""
+        with self._cond:
+            if self._error is None:
+                self._error = TransferFailed(f"stream {self.key!r} from {self.peer!r}: {exc}",
+                                             peer=self.peer, cause=exc)
+            self._cond.notify_all()
+
+    @property
+    def error(self) -> Optional[TransferFailed]:
+        return self._error
+
     def _wait_for(self, ready: Any, timeout: Optional[float], what: str) -> None:
         limit = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            while not ready():
+            while not ready() and self._error is None:
                 left = None if limit is None else limit - time.monotonic()
                 if left is not None and left <= 0:
                     raise TransferTimeout(f"{what} of stream {self.key!r} from {self.peer!r} "
                                           f"not landed within {timeout} s", peer=self.peer)
                 self._cond.wait(left)
+            if self._error is not None:
+                raise self._error
 
     def wait_layer(self, layer: int, timeout: Optional[float] = None) -> None:
         """Block until ``layer`` has landed in our blocks.
 
         Raises:
             TransferTimeout: not within ``timeout`` seconds.
-            TransferFailed: the stream finished without that layer.
+            TransferFailed: the stream finished without that layer, or a chunk of it
+                failed its checksum here (``cause``: ChecksumMismatch; nixl).
         """
         self._wait_for(lambda: layer in self._landed or self._finished, timeout,
                        f"layer {layer}")
@@ -235,6 +256,7 @@ class IncomingTransfer:
 
         Raises:
             TransferTimeout: not within ``timeout`` seconds.
+            TransferFailed: a chunk of it failed its checksum here (nixl).
         """
         self._wait_for(lambda: self._finished, timeout, "completion")
 
@@ -303,6 +325,18 @@ class IncomingTable:
                     self._forget_oldest_asked()
             return True
 
+    def fail(self, peer: str, key: bytes, exc: BaseException) -> bool:
+        """What landed of stream ``key`` is wrong; False when the table is full of
+        transfers the engine has not asked about (nothing held)."""
+        with self._lock:
+            entry = self._open.get((peer, key)) or self._finished.get((peer, key))
+            if entry is None:
+                if self._unasked() >= self.max_entries:
+                    return False
+                entry = self._open[(peer, key)] = IncomingTransfer(peer, key)
+        entry.fail(exc)
+        return True
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._open) + len(self._finished)
@@ -342,6 +376,14 @@ class Inbox:
                 self._notes.append((peer, message))
                 self._bytes += len(message)
             return True
+
+    def corrupt(self, peer: str, key: Optional[bytes], exc: BaseException) -> None:
+        """A write from ``peer`` landed here with bytes that fail its checksum (a
+        one-sided backend checks after landing): the stream ``key`` fails; a plain
+        write (no key) is only logged, by the backend."""
+        if key is not None and not self.incoming.fail(peer, key, exc):
+            log.error("stream %r from %r failed its checksum, and the incoming table is "
+                      "full: not recorded (%s)", key, peer, exc)
 
     def take_notifications(self) -> list[tuple[str, bytes]]:
         with self._lock:

@@ -242,3 +242,22 @@ def test_a_peer_speaking_another_version_is_refused_naming_both_versions(old):
 def test_a_head_range_that_cannot_go_on_the_wire_is_a_local_error():
     with pytest.raises(LocalProtocolError, match="head range"):
         Connection(expect_hello=False).send(ReadRequest(1, 0, (0,), ((0, 1),), heads=(3, 2)))
+
+
+def test_detached_frames_round_trip_without_their_payload():
+    frames = [F.ReadRequest(7, 2, (0, 3), ((4, 2), (9, 1)), heads=(1, 3)),
+              Data(7, 2, 4096, F.Encoding(raw_len=4096, checksum=0xDEADBEEF12345678)),
+              F.Write(7, 2, (1,), ((5, 1),), 512, notify=b"\x01k", heads=None,
+                      enc=F.Encoding(raw_len=512, checksum=1)),
+              Error(7, 2, F.E_RANGE, "no"), Completion(0, 0)]
+    for frame in frames:
+        raw = F.encode_detached(frame)
+        assert F.decode_detached(raw) == frame
+        with pytest.raises(RemoteProtocolError):
+            F.decode_detached(raw[:-1])
+        with pytest.raises(RemoteProtocolError):
+            F.decode_detached(raw + b"\0")
+    with pytest.raises(RemoteProtocolError, match="no header"):
+        F.decode_detached(b"KVXF")
+    with pytest.raises(LocalProtocolError):
+        F.encode_detached(F.ReadRequest(1, 0, (0,), ((0, 1),), heads=(3, 1 << 20)))

@@ -35,6 +35,10 @@ from ..handle import TransferHandle
 from ..layout import LayoutDescriptor
 from ..memory import RegisteredMemory
 
+# (peer name, stream key or None, error): an incoming write landed with bytes that fail
+# the writer's checksum (one-sided backends check after landing; kvxfer.streams.Inbox).
+CorruptSink = Callable[[str, "bytes | None", BaseException], None]
+
 # (peer name, message) of a completed incoming write -> False when the receiver's unread
 # notifications are full (the message was not taken: refuse the write, or hold it).
 NotifySink = Callable[[str, bytes], bool]
@@ -95,6 +99,9 @@ class Backend(ABC):
         self.agent_name = agent_name
         self.listen = listen
         self.config = config
+        # Set by the Agent: where a backend that verifies incoming writes after they
+        # landed (nixl) reports one that fails its checksum.
+        self.on_corrupt: CorruptSink | None = None
 
     @abstractmethod
     def start(self, memory: RegisteredMemory, notify: NotifySink) -> None: ...

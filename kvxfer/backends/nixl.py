@@ -26,9 +26,13 @@ module holds registration, connecting, ``submit``, the poll loop and notificatio
   anything is posted.
 - A write's messages (its notify, a stream's layer and finish notes), each sent as a
   NIXL notification once the chunks it announces completed (see :mod:`.nixl_peers`),
-  are handed to the peer's notify sink there by its poll thread; when the sink refuses (its unread
-  backlog full), the message is held and NIXL's queue is left undrained until the
-  engine reads its notifications.
+  are handed to the peer's notify sink there by its poll thread; when the sink refuses
+  (its unread backlog full), the message is held, and the notes after it queue behind
+  it in order, until the engine reads its notifications. (NIXL's queue is still
+  drained: checksum notifications must not wait behind unread notes.)
+- ``checksum=True`` (either side's metadata asks): reads are placed only once the
+  owner's xxh3-64 of the same blocks matches the landed bytes; write chunks carry the
+  writer's sum, checked by the receiver after they landed (:mod:`.nixl_checksums`).
 - NIXL keys remote agents by name. ``connect`` to a name we already know (a restarted
   peer) first ``disconnect``s the old connection: its transfers fail, their xfers
   settle, its descriptor list is released and its remote agent removed; only then is
@@ -61,6 +65,7 @@ from ..heads import exchange_heads
 from ..memory import RegisteredMemory
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 from .nixl_descriptors import head_pieces, region_table, strided_rows
+from .nixl_checksums import PREFIXES, NixlChecksums
 from .nixl_landing import LandingPool
 # QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
 from .nixl_peers import IDLE_POLL, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
@@ -88,7 +93,7 @@ _nixl = _import_nixl()
 nixl_agent, nixl_agent_config = _nixl.nixl_agent, _nixl.nixl_agent_config
 
 
-class NixlBackend(NixlPeerLinks, Backend):
+class NixlBackend(NixlChecksums, NixlPeerLinks, Backend):
     """kvxfer over NIXL (``pip install 'kvxfer[nixl]'``); see the module docstring."""
 
     name = "nixl"
@@ -115,6 +120,7 @@ class NixlBackend(NixlPeerLinks, Backend):
         self._thread: Optional[threading.Thread] = None
         self._stuck: list[Any] = []  # warm-up xfers that never settled (into scratch only)
         self._landings: Any = None  # LandingPool: where reads land (nixl_landing)
+        self._init_checksums()  # reply links and counters (nixl_checksums)
 
     # ------------------------------------------------------------- lifecycle
     def start(self, memory: RegisteredMemory, notify: NotifySink) -> None:
@@ -164,7 +170,8 @@ class NixlBackend(NixlPeerLinks, Backend):
     def backend_metadata(self) -> bytes:
         assert self._memory is not None, "start() first"
         head = json.dumps({"regions": region_table(self._memory), "mem_type": self._mem_type,
-                           "device": self._device}).encode()
+                           "device": self._device,
+                           "checksum": self.config.checksum}).encode()
         with self._cond:
             return _LEN.pack(len(head)) + head + self._agent.get_agent_metadata()
 
@@ -177,6 +184,7 @@ class NixlBackend(NixlPeerLinks, Backend):
             head = json.loads(peer.backend_metadata[4:4 + n])
             nixl_md = peer.backend_metadata[4 + n:]
             table, mem_type, device = head["regions"], head["mem_type"], int(head["device"])
+            checksum = self.config.checksum or bool(head.get("checksum", False))
         except (struct.error, ValueError, KeyError, TypeError) as exc:
             raise RemoteProtocolError(f"malformed NIXL metadata from {peer.name!r}: {exc}") \
                 from exc
@@ -199,15 +207,22 @@ class NixlBackend(NixlPeerLinks, Backend):
                 self.disconnect(p, PeerUnreachable(
                     f"peer {peer.name!r} was connected again (restarted); this connection "
                     "to its predecessor is closed"))
-            return self._load_peer(peer, nixl_md, table, mem_type, device)
+            conn = self._load_peer(peer, nixl_md, table, mem_type, device, checksum)
+            if checksum:
+                try:
+                    self._introduce(conn)  # so that it can answer our checksum requests
+                except Exception as exc:
+                    self.disconnect(conn, exc)
+                    raise
+            return conn
 
     def _load_peer(self, peer: PeerInfo, nixl_md: bytes, table: list, mem_type: str,
-                   device: int) -> NixlPeer:
+                   device: int, checksum: bool = False) -> NixlPeer:
         assert self._memory is not None
         ours, theirs = head_pieces(self._memory, peer.descriptor)
         # Our heads those pieces hold, as unpack_from takes them (a read lands packed).
-        local_heads = None if ours is None else \
-            exchange_heads(self._memory.layout.descriptor, peer.descriptor).explicit()[0]
+        local_heads, remote_heads = (None, None) if ours is None else \
+            exchange_heads(self._memory.layout.descriptor, peer.descriptor).explicit()
         assert ours is None or self._memory.segments(local_heads) == ours
         if ours is not None and len(table) * ours.count * \
                 max(self._memory.num_blocks, peer.descriptor.num_blocks) > MAX_INDEX:
@@ -239,6 +254,9 @@ class NixlBackend(NixlPeerLinks, Backend):
                              peer.descriptor.num_blocks, self.config.max_inflight,
                              self._memory.block_bytes if ours is None else ours.nbytes, local_dlist,
                              1 if ours is None else ours.count, local_heads)
+            conn.checksum, conn.remote_heads = checksum, remote_heads
+            # Our connection to it now carries answers to its checksum requests too.
+            self._replies.pop(nixl_name, None)
             self._peers.append(conn)
             return conn
 
@@ -299,6 +317,7 @@ class NixlBackend(NixlPeerLinks, Backend):
                 if self._state(xfer) not in ("PROC", None):
                     self._stuck.remove(xfer)
                     self._release_xfer(xfer)
+            self._forget_replies()
             self._local.release()
             problem = self._landings.close()
             if problem:
@@ -340,6 +359,8 @@ class NixlBackend(NixlPeerLinks, Backend):
         rid = handle.request_id
         with self._cond:
             peers = [p for p in self._peers if any(k[0] == rid for k in p.xfers)]
+            for p in self._peers:  # landed reads waiting for a sum: nothing posted
+                self._drop_verifying(p, lambda key: key[0] == rid)
         for peer in peers:
             self._settle(peer, lambda key: key[0] == rid)
 
@@ -380,12 +401,15 @@ class NixlBackend(NixlPeerLinks, Backend):
             except Exception as exc:  # noqa: BLE001 - NIXL errors end that peer only
                 err = PeerUnreachable(f"NIXL transfer to {peer.name!r} failed: {exc}")
                 events.append((self._fail_all, self._kill(peer, err)))
-        if not self._held:
-            for nixl_name, messages in self._agent.get_new_notifs().items():
-                name = nixl_name.decode() if isinstance(nixl_name, bytes) else nixl_name
-                for msg in messages:
-                    if msg.startswith(NOTIFY_PREFIX):
-                        self._held.append((name, bytes(msg[len(NOTIFY_PREFIX):])))
+        # Drained even while notes are held (they queue behind the held ones, in order):
+        # checksum answers must not wait for the engine to read its notifications.
+        for nixl_name, messages in self._agent.get_new_notifs().items():
+            name = nixl_name.decode() if isinstance(nixl_name, bytes) else nixl_name
+            for msg in messages:
+                if msg.startswith(NOTIFY_PREFIX):
+                    self._held.append((name, bytes(msg[len(NOTIFY_PREFIX):])))
+                elif msg[:len(NOTIFY_PREFIX)] in PREFIXES:
+                    self._on_checksum_note(name, bytes(msg), events)
         return events
 
     def _connecting_now(self, peer: NixlPeer) -> bool:

@@ -92,6 +92,20 @@ class NixlPeer(BackendPeer):
         self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
         self.landings: dict[Key, Landing] = {}  # where posted reads land (nixl_landing)
         self.dead: Optional[BaseException] = None  # set once: nothing more is posted
+        # Checksums (nixl_checksums): on for this connection (set by connect, before any
+        # transfer); the peer's heads our pieces pair with (None: whole blocks); reads
+        # landed and waiting for the owner's sum: key -> (handle, chunk, landing, our
+        # sum, bytes); sums of posted write chunks, sent once DONE; set by the poll
+        # thread when the peer acknowledged our introduction.
+        self.checksum = False
+        self.remote_heads: Optional[HeadRange] = None
+        self.verifying: dict[Key, tuple] = {}
+        self.sums: dict[Key, int] = {}
+        self.introduced = threading.Event()
+
+    def packed_bytes(self, chunk: Chunk, parts: int) -> int:
+        """Bytes of ``chunk`` as it moves on this connection (a landing's, a sum's)."""
+        return len(chunk.layers) * parts * self.pieces * chunk.num_blocks * self.piece_bytes
 
     @property
     def alive(self) -> bool:
@@ -112,6 +126,11 @@ class NixlPeerLinks:
     _local: Any  # prepared local descriptor list
     _landings: LandingPool  # where reads land before we fill the blocks
     _peers: list[NixlPeer]  # live ones, and dead ones until retired
+    # from NixlChecksums (nixl_checksums), mixed in beside this class
+    _verify_read: Callable[..., None]
+    _drop_verifying: Callable[[NixlPeer, Callable[[Key], bool]], None]
+    _source_sum: Callable[[NixlPeer, TransferHandle, Chunk], int]
+    _send_sum: Callable[[NixlPeer, TransferHandle, Chunk, int], None]
 
     # ------------------------------------------------------------- settling
     def _settle(self, peer: NixlPeer, mine: Callable[[Key], bool]) -> None:
@@ -133,8 +152,8 @@ class NixlPeerLinks:
                     break
                 self._cond.wait(IDLE_POLL)
         for fn, *args in events:  # reads that landed: their buffers go back (their
-            if fn == self._land:  # handles are failing, so nothing is placed)
-                fn(*args)
+            if fn in (self._land, self._verify_read):  # handles are failing: nothing
+                fn(*args)  # is placed)
         self._fail_all(failures)
 
     def _break(self, peer: NixlPeer) -> Failures:
@@ -148,6 +167,7 @@ class NixlPeerLinks:
         for key, xfer in list(peer.xfers.items()):
             self._release_xfer(xfer)
             peer.queue.finish(*key)
+            peer.sums.pop(key, None)
             landing = peer.landings.pop(key, None)
             if landing is not None:  # UCX may still write it: never again ours to use
                 self._landings.quarantine(landing)
@@ -179,6 +199,8 @@ class NixlPeerLinks:
                 log.debug("releasing our NIXL descriptors for %r: %s", peer.name, exc)
             peer.local_dlist = None
         peer.queue.clear()
+        self._drop_verifying(peer, lambda key: True)
+        peer.sums.clear()
         self._remove_remote(peer.nixl_name)
         if peer in self._peers:
             self._peers.remove(peer)
@@ -225,6 +247,7 @@ class NixlPeerLinks:
         self._cond.notify_all()  # quiescers wait for this
         posted = peer.queue.finish(*key)
         handle, chunk = posted if posted is not None else (None, None)
+        value = peer.sums.pop(key, None)
         if handle is None or not handle.active or state == "ERR":
             if landing is not None:  # settled: nothing writes it any more
                 self._landings.give(landing)
@@ -234,9 +257,24 @@ class NixlPeerLinks:
                 events.append((self._fail_all, self._kill(peer, err)))
             return
         if landing is not None:
-            events.append((self._land, peer, handle, chunk, landing))
+            if peer.checksum:  # placed only once the owner's sum matches
+                events.append((self._verify_read, peer, handle, chunk, landing, key,
+                               peer.packed_bytes(chunk, self._parts())))
+            else:
+                events.append((self._land, peer, handle, chunk, landing))
             return
+        if value is not None:  # a write's sum goes before any note announcing the chunk
+            try:
+                self._send_sum(peer, handle, chunk, value)
+            except Exception as exc:  # noqa: BLE001
+                events.append((handle.fail, PeerUnreachable(
+                    f"NIXL could not send a checksum to {peer.name!r}: {exc}")))
+                return
         events.append((handle.chunk_done, chunk))
+
+    def _parts(self) -> int:
+        assert self._memory is not None
+        return self._memory.num_parts
 
     def _land(self, peer: NixlPeer, handle: TransferHandle, chunk: Chunk,
               landing: Landing) -> None:
@@ -292,12 +330,15 @@ class NixlPeerLinks:
                 else:  # a write reads our blocks where they are
                     local_list = self._local if peer.local_dlist is None else peer.local_dlist
                     local = chunk_indices(chunk, parts, memory.num_blocks, 0, pieces)
+                    if peer.checksum:  # the source as posted (its event completed)
+                        peer.sums[key] = self._source_sum(peer, handle, chunk)
                 xfer = self._agent.make_prepped_xfer(
                     "READ" if handle.op == "read" else "WRITE", local_list, local,
                     peer.dlist, remote)
             except Exception as exc:  # noqa: BLE001 - this request's blocks, not the link
                 if landing is not None:
                     self._landings.give(landing)
+                peer.sums.pop(key, None)
                 peer.queue.finish(*key)
                 events.append((handle.fail, TransferFailed(
                     f"NIXL refused chunk {chunk.index} of {handle.op} #{handle.request_id}: "

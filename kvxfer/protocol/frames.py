@@ -53,6 +53,12 @@ on the connection have landed (version 2; version 1 carried the user's bytes bar
     NOTE_FINISHED  u8 2, u16 key_len, key, user bytes    stream `key` is complete; its
                                                          notify (may be empty)
 
+A detached frame is a header and body whose payload moved another way (NIXL: one-sided);
+``payload_len`` still says how many bytes it describes. The nixl backend sends these in
+its notifications (:mod:`kvxfer.backends.nixl_checksums`): READ asks the owner of blocks
+for their checksum, DATA (its ENC has_sum set) or ERROR answers, WRITE tells a receiver
+what a write's chunk should hold.
+
 A chunk's payload is, in this order: for each layer listed, for each part (K, V or the
 MLA latent), for each run, the run's blocks. The packing module draws the same order.
 
@@ -285,6 +291,35 @@ def parse_header(raw: bytes | memoryview) -> Header:
     if payload_len and ftype not in (T_WRITE, T_DATA):
         raise RemoteProtocolError(f"frame type {ftype} cannot carry a payload")
     return Header(version, ftype, flags, body_len, payload_len)
+
+
+def encode_detached(frame: Frame) -> bytes:
+    """Header and body of ``frame`` without its payload (see "detached" above).
+
+    Raises:
+        LocalProtocolError: the frame cannot be encoded.
+    """
+    try:
+        ftype, flags, body, payload_len = encode_body(frame)
+    except (TypeError, ValueError, OverflowError, struct.error) as exc:
+        raise LocalProtocolError(f"cannot encode {type(frame).__name__}: {exc}") from exc
+    return HEADER.pack(MAGIC, VERSION, ftype, flags, len(body), payload_len) + body
+
+
+def decode_detached(raw: bytes | memoryview) -> Frame:
+    """A detached frame: exactly a header and its body, no payload.
+
+    Raises:
+        RemoteProtocolError: malformed, or bytes missing or left over.
+    """
+    view = memoryview(raw)
+    if len(view) < HEADER_SIZE:
+        raise RemoteProtocolError(f"a detached frame of {len(view)} bytes has no header")
+    h = parse_header(view[:HEADER_SIZE])
+    if len(view) != HEADER_SIZE + h.body_len:
+        raise RemoteProtocolError(f"a detached frame of {len(view)} bytes announces a body of "
+                                  f"{h.body_len}")
+    return decode_body(h, view[HEADER_SIZE:])
 
 
 class _Reader:
