@@ -28,14 +28,14 @@ from __future__ import annotations
 import hashlib
 import hmac
 import ipaddress
-import logging
 import os
 import secrets
 import struct
 
 from .errors import AuthenticationFailed
+from .logs import get_logger
 
-log = logging.getLogger("kvxfer.auth")
+log = get_logger("kvxfer.auth")
 
 ENV = "KVXFER_SECRET"
 NONCE_BYTES = 32

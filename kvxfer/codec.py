@@ -32,7 +32,6 @@ two offers into one :class:`Agreement` per connection, the same on both sides.
 from __future__ import annotations
 
 import importlib.util
-import logging
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional
@@ -40,9 +39,10 @@ from typing import Iterable, Optional
 import numpy as np
 
 from .errors import ChecksumMismatch, RemoteProtocolError
+from .logs import get_logger
 from .protocol.frames import Encoding
 
-log = logging.getLogger("kvxfer.codec")
+log = get_logger("kvxfer.codec")
 
 NONE, LZ4, ZSTD = 0, 1, 2  # codec ids on the wire
 AUTO = 3  # a mode, not a codec

@@ -28,16 +28,16 @@ and every other transfer on the connection carry on.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 import time
 from typing import Any, Callable, Generator, Sequence
 
 from .errors import TransferFailed, TransferTimeout
 from .heads import HeadExchange
+from .logs import get_logger
 from .plan import Chunk, Message
 
-log = logging.getLogger("kvxfer.handle")
+log = get_logger("kvxfer.handle")
 
 PENDING, DONE, FAILED, CANCELLED = "pending", "done", "failed", "cancelled"
 DEMAND, PREFETCH = "demand", "prefetch"

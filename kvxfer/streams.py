@@ -29,7 +29,6 @@ held back until the engine signals their layer::
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -38,10 +37,11 @@ from typing import Any, Optional, Sequence
 from .backends.base import BackendConfig
 from .errors import TransferFailed, TransferTimeout
 from .handle import DEMAND, LATER, POLL, READY, TransferHandle
+from .logs import get_logger
 from .plan import Chunk, Message, Run, chunk_size, plan_chunks, plan_layer_chunks
 from .protocol.frames import NOTE_FINISHED, NOTE_LAYERS, NOTE_USER, Note, decode_note, encode_note
 
-log = logging.getLogger("kvxfer.streams")
+log = get_logger("kvxfer.streams")
 
 KEEP_FINISHED = 1024  # finished incoming transfers kept after the engine asked for them
 

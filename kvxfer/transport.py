@@ -22,14 +22,15 @@ What each backend says:
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import re
 import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
-log = logging.getLogger("kvxfer.transport")
+from .logs import get_logger
+
+log = get_logger("kvxfer.transport")
 
 RDMA_UCX = re.compile(r"^(rc|ud|dc|ib|rdmacm|srd|gga)", re.I)
 SHARED_UCX = re.compile(r"^(sysv|posix|cma|knem|xpmem|cuda_ipc|rocm_ipc|self)", re.I)

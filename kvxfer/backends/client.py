@@ -29,7 +29,6 @@ no two threads can wait on each other through full transport buffers::
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import TYPE_CHECKING, Optional
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Optional
 from ..codec import NONE, Agreement, CodecSession
 from ..errors import AgentClosed, KvxferError, PeerUnreachable, RemoteError, RemoteProtocolError
 from ..handle import TransferHandle
+from ..logs import get_logger
 from ..memory import RegisteredMemory
 from ..plan import Chunk, Message
 from ..protocol import CLOSED, Close, Completion, Connection, Data, Error, ReadRequest, Write
@@ -49,7 +49,7 @@ from .staging import Staging
 if TYPE_CHECKING:
     from .twosided import TwoSidedBackend
 
-log = logging.getLogger("kvxfer.twosided")
+log = get_logger("kvxfer.twosided")
 
 EVENT_POLL = 0.0002  # seconds between looks at a pending write's CUDA event
 

@@ -21,7 +21,6 @@ rendezvous key) is read before the first frame.
 
 from __future__ import annotations
 
-import logging
 import selectors
 import socket
 import threading
@@ -30,11 +29,12 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import KvxferError, RemoteProtocolError
+from ..logs import get_logger
 from ..protocol import E_PROTOCOL, NEED_DATA, Connection, Error
 from ..protocol.connection import DEFAULT_MAX_BODY, DEFAULT_MAX_PAYLOAD
 from ..protocol.handshake import ServerHandshake
 
-log = logging.getLogger("kvxfer.gate")
+log = get_logger("kvxfer.gate")
 
 MAX_HANDSHAKE_BODY = 1 << 20  # a HELLO's descriptor of a few hundred layers fits easily
 READ_SIZE = 64 << 10

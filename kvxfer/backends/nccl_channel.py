@@ -35,7 +35,6 @@ rank 1) and each carrying payloads one way only::
 from __future__ import annotations
 
 import datetime
-import logging
 import socket
 import threading
 import time
@@ -44,12 +43,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import PeerUnreachable
+from ..logs import get_logger
 from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
 from ..protocol.frames import HEADER
 from .channel import Abandoned, Channel, Guard
 from .sockio import send_buffers, shutdown_socket
 
-log = logging.getLogger("kvxfer.nccl")
+log = get_logger("kvxfer.nccl")
 
 KEY_BYTES = 16  # the connecting side's rendezvous key, first on the socket
 TAG_SPACE = 1 << 31  # Gloo tags are non-negative 32-bit ints

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import struct
 import threading
 import time
@@ -62,6 +61,7 @@ from ..errors import (AgentClosed, BlockOutOfRange, LayoutMismatch, PeerUnreacha
                       RemoteProtocolError)
 from ..handle import TransferHandle
 from ..heads import exchange_heads
+from ..logs import get_logger
 from ..memory import RegisteredMemory
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
 from .nixl_descriptors import head_pieces, region_table, strided_rows
@@ -70,7 +70,7 @@ from .nixl_landing import LandingPool
 # QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
 from .nixl_peers import IDLE_POLL, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
 
-log = logging.getLogger("kvxfer.nixl")
+log = get_logger("kvxfer.nixl")
 
 MAX_INDEX = (1 << 31) - 1  # NIXL takes descriptor indices as C ints
 _LEN = struct.Struct("!I")

@@ -47,7 +47,6 @@ cache, no block twice, at most one frame's payload of bytes.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 from collections import OrderedDict
 from typing import Any, Callable, Optional
@@ -61,6 +60,7 @@ from ..errors import (AuthenticationFailed, BlockOutOfRange, ChecksumMismatch,
                       TransferFailed)
 from ..handle import TransferHandle
 from ..heads import HeadRange
+from ..logs import get_logger
 from ..memory import RegisteredMemory
 from ..plan import Chunk
 from ..protocol.frames import (E_PROTOCOL, E_RANGE, NOTE_LAYERS, Completion, Data, Encoding,
@@ -69,7 +69,7 @@ from ..protocol.frames import (E_PROTOCOL, E_RANGE, NOTE_LAYERS, Completion, Dat
 from .nixl_landing import Landing
 from .nixl_peers import Key, NixlPeer
 
-log = logging.getLogger("kvxfer.nixl")
+log = get_logger("kvxfer.nixl")
 
 INTRO = b"KVXI"  # a reader's NIXL metadata, so the owner can answer it
 ASK = b"KVXQ"  # READ: hash these blocks of yours

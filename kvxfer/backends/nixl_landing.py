@@ -32,14 +32,14 @@ a GPU), which the poll thread makes while later chunks are in flight.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 import torch
+from ..logs import get_logger
 
-log = logging.getLogger("kvxfer.nixl")
+log = get_logger("kvxfer.nixl")
 
 # Landing buffers abandoned with a read still posted into them: UCX may write them at
 # any time, so they stay allocated and registered until the process ends.

@@ -44,7 +44,6 @@ blocks into ours; WRITE pushes. The peer's CPU is not involved. A posted xfer's 
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -52,6 +51,7 @@ from typing import Any, Callable, Optional
 from ..errors import PeerUnreachable, TransferFailed
 from ..handle import TransferHandle
 from ..heads import HeadRange
+from ..logs import get_logger
 from ..memory import RegisteredMemory
 from ..plan import Chunk, Message
 from ..scheduler import ChunkQueue
@@ -59,7 +59,7 @@ from .base import BackendPeer
 from .nixl_descriptors import chunk_indices
 from .nixl_landing import Landing, LandingPool, landing_order
 
-log = logging.getLogger("kvxfer.nixl")
+log = get_logger("kvxfer.nixl")
 
 NOTIFY_PREFIX = b"KVXN"  # marks NIXL notifications that carry a kvxfer write's notify
 IDLE_POLL = 0.002  # seconds between polls while nothing is in flight

@@ -25,7 +25,6 @@ request, each on its own::
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ..codec import NONE, Agreement, CodecSession
 from ..errors import BlockOutOfRange, KvxferError, RemoteProtocolError
+from ..logs import get_logger
 from ..memory import RegisteredMemory
 from ..protocol import (CLOSED, E_BACKLOG, E_CODEC, E_INTERNAL, E_PROTOCOL, E_RANGE, E_SIZE,
                         Close, Completion, Connection, Data, Error, ReadRequest, Write)
@@ -44,7 +44,7 @@ from .staging import Staging
 if TYPE_CHECKING:
     from .twosided import TwoSidedBackend
 
-log = logging.getLogger("kvxfer.twosided")
+log = get_logger("kvxfer.twosided")
 
 LINGER = 1.0  # seconds a refused peer is given to read the refusal and close
 MAX_REFUSED = 4096  # writes remembered as refused until their last frame comes

@@ -34,7 +34,6 @@ every two-sided backend and split by role:
 
 from __future__ import annotations
 
-import logging
 import threading
 from abc import abstractmethod
 from typing import Optional
@@ -44,6 +43,7 @@ import torch
 from ..codec import Agreement, Offer, agree, available_codecs, check_mode
 from ..errors import AgentClosed, PeerUnreachable, ProtocolError
 from ..handle import TransferHandle
+from ..logs import get_logger
 from ..memory import RegisteredMemory
 from ..protocol import Connection, Hello
 from ..protocol.handshake import ClientHandshake, ServerHandshake
@@ -53,7 +53,7 @@ from .client import ClientSide
 from .server import ServerSide
 from .staging import Staging, StagingBudget
 
-log = logging.getLogger("kvxfer.twosided")
+log = get_logger("kvxfer.twosided")
 
 __all__ = ["Abandoned", "Channel", "ClientSide", "Guard", "ServerSide", "Staging",
            "TwoSidedBackend"]

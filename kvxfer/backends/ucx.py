@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import logging
 import os
 import struct
 import threading
@@ -69,13 +68,14 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import PeerUnreachable, RemoteProtocolError
+from ..logs import get_logger
 from ..protocol import HEADER_SIZE, NEED_DATA, Connection, Event
 from ..protocol.frames import HEADER
 from .base import BackendConfig, PeerInfo, parse_host_port
 from .twosided import Abandoned, Channel, Guard, TwoSidedBackend
 from .ucx_requests import Notifier, release_cancelled_requests
 
-log = logging.getLogger("kvxfer.ucx")
+log = get_logger("kvxfer.ucx")
 
 
 def _import_ucxx() -> tuple[Any, Any, dict[str, str]]:

@@ -32,14 +32,14 @@ import asyncio
 import ctypes
 import dataclasses
 import functools
-import logging
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
 from ..errors import PeerUnreachable
+from ..logs import get_logger
 
-log = logging.getLogger("kvxfer.ucx")
+log = get_logger("kvxfer.ucx")
 
 NOTIFY_PERIOD_NS = 200_000_000  # the notifier looks round at least this often
 # ucxx refills its futures pool to 100 when it is below 50; we post at most this many

@@ -26,7 +26,6 @@ that fight other packages, or are unmaintained. Several endpoints are tried in t
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,8 +33,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from kvxfer.errors import AgentClosed, BackendUnavailable, DiscoveryUnavailable, PeerNotFound
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 AGENTS = "agents/"
 

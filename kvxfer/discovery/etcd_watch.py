@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import socket
 import threading
 from collections.abc import Callable
@@ -27,8 +26,9 @@ from typing import Any
 
 from kvxfer.discovery.events import JOIN, LEAVE, PeerEvent, incarnation_of
 from kvxfer.errors import DiscoveryUnavailable
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 def _b64(data: bytes) -> str:

@@ -31,7 +31,6 @@ leases and acks; engine threads only enqueue.
 from __future__ import annotations
 
 import json
-import logging
 import queue
 import threading
 import time
@@ -41,12 +40,13 @@ from typing import Any, Optional, Sequence
 
 from ..agent import Agent, Peer
 from ..errors import KvxferError
+from ..logs import get_logger
 
 TAG = b"kvxfer-handover/1 "
 POLL_S = 0.002
 KEEP_RELEASED = 65536  # released request ids remembered, to answer late "done"s
 
-log = logging.getLogger("kvxfer.handover")
+log = get_logger("kvxfer.handover")
 
 
 @dataclass

@@ -53,6 +53,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (KVConnectorPro
                                                                   KVConnectorStats)
 
 from ..agent import Agent
+from ..logs import get_logger
 from .handover import Handover
 from .vllm_layout import layout_from_vllm
 
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
 
-log = logging.getLogger("kvxfer.vllm")
+log = get_logger("kvxfer.vllm")
 
 __all__ = ["KvxferConnector", "KvxferConnectorMetadata", "KvxferStats"]
 

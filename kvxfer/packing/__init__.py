@@ -38,19 +38,19 @@ warning. Everything is validated (:mod:`kvxfer.packing.pack_plan`) before a byte
 
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
 
 from ..layout import KVLayout
+from ..logs import get_logger
 from . import cuda as _cuda
 from .pack_plan import BlockIds, PackPlan, check_buffer, make_plan, segment_geometry
 from .reference import pack_reference, unpack_reference
 
 __all__ = ["pack", "unpack", "packed_nbytes"]
 
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)
 _warned_fallback = False
 
 

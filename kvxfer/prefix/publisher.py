@@ -18,7 +18,6 @@ real ones, see :attr:`endpoint`) and closed by the thread when close() joins it.
 
 from __future__ import annotations
 
-import logging
 import queue
 import threading
 import time
@@ -29,8 +28,9 @@ from typing import Any
 
 from kvxfer.errors import AgentClosed
 from kvxfer.prefix.event_wire import ALIASES, ENCODINGS, Event, encode_batch
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 _END = (-1).to_bytes(8, "big", signed=True)
 

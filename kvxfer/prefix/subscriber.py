@@ -35,7 +35,6 @@ applied); the thread goes on.
 from __future__ import annotations
 
 import dataclasses
-import logging
 import threading
 from collections.abc import Hashable
 from dataclasses import dataclass
@@ -48,8 +47,9 @@ from kvxfer.prefix.event_wire import (CLEARED, REMOVED, STORED, BatchDecoder, Ma
                                       event_kind, medium_tier)
 from kvxfer.prefix.index import PrefixIndex
 from kvxfer.prefix.keys import as_key, as_keys
+from ..logs import get_logger
 
-log = logging.getLogger(__name__)
+log = get_logger(__name__)
 
 
 @dataclass(slots=True)
