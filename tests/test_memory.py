@@ -110,14 +110,19 @@ def test_scattered_blocks_are_staged_and_land_in_place(kv_dim):
 
 @pytest.mark.parametrize("order,kv_dim", [("NHD", 0), ("NHD", 1), ("HND", 0)])
 @pytest.mark.parametrize("heads", [(0, 1), (1, 3), (3, 4)])
-def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_dim, heads):
+# few blocks per run (one fancy-indexed copy per region) and long runs (one strided copy
+# per run), which _gather_host picks between
+@pytest.mark.parametrize("runs", [((5, 2), (1, 1)), ((1, 3), (6, 2)), ((6, 1), (0, 1), (3, 1))])
+def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_dim, heads,
+                                                                     runs):
     from kvxfer.packing import pack
 
     gen = torch.Generator().manual_seed(1)
     shape = (2, 8, 4, 4, 3) if kv_dim == 0 else (8, 2, 4, 4, 3)
     lay = KVLayout.vllm([torch.randn(shape, generator=gen).half() for _ in range(3)],
                         kv_layout=order, kv_dim=kv_dim)
-    layers, runs, ids = (0, 2), ((5, 2), (1, 1)), [5, 6, 1]
+    layers = (0, 2)
+    ids = [b for start, count in runs for b in range(start, start + count)]
     want = pack(lay, ids, layers, heads=heads).numpy().tobytes()
     for mem in (RegisteredMemory(lay), RegisteredMemory(lay, staged=True)):
         assert mem.check(layers, runs, heads) == len(want)
@@ -129,11 +134,12 @@ def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_d
         other = RegisteredMemory(KVLayout.vllm(
             [torch.zeros(shape, dtype=torch.half) for _ in range(3)], kv_layout=order,
             kv_dim=kv_dim))
-        other.unpack_from(layers, ((0, 3),), packed, heads)
-        moved = pack(other.layout, [0, 1, 2], layers, heads=heads).numpy().tobytes()
+        other.unpack_from(layers, ((0, len(ids)),), packed, heads)
+        landed = list(range(len(ids)))
+        moved = pack(other.layout, landed, layers, heads=heads).numpy().tobytes()
         assert moved == want
         everything = pack(other.layout, list(range(8))).numpy()
-        assert int((everything != 0).sum()) == int((pack(other.layout, [0, 1, 2], layers,
+        assert int((everything != 0).sum()) == int((pack(other.layout, landed, layers,
                                                           heads=heads).numpy() != 0).sum())
 
 
