@@ -237,37 +237,61 @@ class RegisteredMemory:
 
     def _gather_host(self, layers: Sequence[int], runs: Runs, packed: torch.Tensor,
                      into_blocks: bool, seg: Segments) -> None:
-        """Scattered host blocks or head pieces <-> a packed chunk, per region one
-        strided numpy copy per run of blocks (runs of two or more blocks on average), or
-        one fancy-indexed copy of every block. Never ``np.take`` from a strided view (a
-        head slice, a padded region): it first copies the *whole* region contiguous
-        (1.5 ms against 0.5 ms per 4 MiB head-sliced chunk measured here). Not torch:
-        its copies fan out to OpenMP threads, which on a loaded host wait for cores
-        (32 ms against 0.3 ms per 4 MiB chunk measured here)."""
+        """Scattered host blocks or head pieces <-> a packed chunk, strided numpy
+        copies per region (:func:`_copy_blocks`). Not torch: its copies fan out to
+        OpenMP threads, which on a loaded host wait for cores (32 ms against 0.3 ms per
+        4 MiB chunk measured here)."""
         ids = self._block_ids(runs).numpy()
         n, bb = len(ids), seg.count * seg.nbytes  # bb: bytes of one block's selection
-        by_run = 2 * len(runs) <= n
         out = packed.numpy()
         off = 0
         for layer in layers:
             for r in range(layer * self.num_parts, (layer + 1) * self.num_parts):
                 blocks = self._block_array(r, seg)
                 piece = out[off:off + n * bb].view(blocks.dtype).reshape(n, *blocks.shape[1:])
-                if by_run:
-                    k = 0
-                    for start, count in runs:
-                        if into_blocks:
-                            blocks[start:start + count] = piece[k:k + count]
-                        else:
-                            piece[k:k + count] = blocks[start:start + count]
-                        k += count
-                elif into_blocks:
-                    blocks[ids] = piece
-                elif blocks.flags.c_contiguous:
-                    np.take(blocks, ids, axis=0, out=piece)
-                else:
-                    piece[...] = blocks[ids]
+                _copy_blocks(blocks, piece, runs, ids, into_blocks)
                 off += n * bb
+
+    def unpack_picked(self, layers: Sequence[int], runs: Runs, src: torch.Tensor,
+                      heads: HeadRange | None, src_block_bytes: int, picked: Segments) -> None:
+        """Place heads read as a peer's *whole* blocks (NIXL's over-read of small head
+        pieces): ``src`` holds, in packed chunk order (layer, part, block), one
+        ``src_block_bytes`` block of the peer per block of the chunk; the pieces
+        ``picked`` of each (the peer's segments of the heads we share) go into our
+        pieces of ``heads``, one strided numpy copy per region and run. The rest of
+        ``src`` (heads we do not hold) is not read, and our other heads and blocks are
+        not touched::
+
+            src:  | peer block b0: [tok0: h0..hN][tok1: h0..hN]... | peer block b1 | ...
+                                     ^^^^ picked, pitch apart
+            ours: | block l0: [tok0: heads][tok1: heads]... |      (our segments)
+
+        Host memory only.
+
+        Raises:
+            LayoutMismatch: CUDA memory, or ``picked`` cut otherwise than our pieces.
+        """
+        seg = self.segments(heads)
+        if not self.is_host or src.device.type != "cpu":
+            raise LayoutMismatch("unpack_picked() needs host memory", field="device")
+        if (picked.count, picked.nbytes) != (seg.count, seg.nbytes):
+            raise LayoutMismatch(f"pieces {picked} do not pair with ours {seg}", field="heads")
+        ids = self._block_ids(runs).numpy()
+        n = len(ids)
+        raw = src.numpy()
+        off = 0
+        for layer in layers:
+            for r in range(layer * self.num_parts, (layer + 1) * self.num_parts):
+                blocks = self._block_array(r, seg)
+                word = next(w for w in (8, 4, 2, 1) if blocks.itemsize % w == 0 and (
+                    off + picked.offset) % w == 0 and picked.pitch % w == 0 and
+                    src_block_bytes % w == 0)
+                blocks = blocks.view(f"<u{word}")
+                got = np.ndarray((n, seg.count, seg.nbytes // word), dtype=blocks.dtype,
+                                 buffer=raw, offset=off + picked.offset,
+                                 strides=(src_block_bytes, picked.pitch, word))
+                _copy_blocks(blocks, got, runs, ids, True)
+                off += n * src_block_bytes
 
     def _block_array(self, r: int, seg: Segments) -> np.ndarray:
         """Region ``r`` as a numpy ``[num_blocks, segments, words]`` view over the
@@ -294,3 +318,26 @@ class RegisteredMemory:
     def staging_buffer(self, nbytes: int) -> torch.Tensor:
         """A host buffer for staged chunks: pinned when the KV cache is on a GPU."""
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=not self.is_host)
+
+
+def _copy_blocks(blocks: np.ndarray, packed: np.ndarray, runs: Runs, ids: np.ndarray,
+                 into_blocks: bool) -> None:
+    """``packed[k]`` <-> ``blocks[ids[k]]`` (``ids``: the runs' blocks in order): one
+    slice copy per run when runs average two blocks or more, else one fancy-indexed
+    copy. Never ``np.take`` from a strided ``blocks`` (a head slice, a padded region):
+    it first copies the *whole* region contiguous (1.5 ms against 0.5 ms per 4 MiB
+    head-sliced NHD chunk measured here)."""
+    if 2 * len(runs) <= len(ids):
+        k = 0
+        for start, count in runs:
+            if into_blocks:
+                blocks[start:start + count] = packed[k:k + count]
+            else:
+                packed[k:k + count] = blocks[start:start + count]
+            k += count
+    elif into_blocks:
+        blocks[ids] = packed
+    elif blocks.flags.c_contiguous:
+        np.take(blocks, ids, axis=0, out=packed)
+    else:
+        packed[...] = blocks[ids]

@@ -169,3 +169,29 @@ def test_a_head_slice_of_a_cuda_cache_packs_as_the_host_reference(order):
         assert torch.equal(out.cpu(), want)
     mem.unpack_from((0, 1), ((0, 3),), want.cuda(), (1, 3))
     assert torch.equal(pack(mem.layout, [0, 1, 2], (0, 1), heads=(1, 3)).cpu(), want)
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize("runs", [((1, 3), (6, 2)), ((6, 1), (0, 1), (3, 1))])
+def test_heads_picked_from_whole_landed_blocks_land_as_a_packed_slice_would(order, runs):
+    """NIXL's over-read: the peer's whole blocks land packed; our heads (1, 3) take its
+    heads (2, 4), and every other head and block of ours stays as it was (canaries)."""
+    from kvxfer.packing import pack
+
+    gen = torch.Generator().manual_seed(3)
+    peer = KVLayout.vllm([torch.randn(2, 8, 4, 4, 3, generator=gen).half() for _ in range(2)],
+                         kv_layout=order)
+    ours = KVLayout.vllm([torch.randn(2, 8, 4, 4, 3, generator=gen).half() for _ in range(2)],
+                         kv_layout=order)
+    remote = [7, 2, 5, 0, 4, 1][:sum(n for _, n in runs)]
+    landed = pack(peer, remote, (0, 1))  # whole blocks, packed chunk order
+    before = [r.view for r in ours.regions]  # (L0 K, L0 V, L1 K, L1 V)
+    want = RegisteredMemory(KVLayout.vllm([torch.stack([k, v]) for k, v in
+                                           zip(before[::2], before[1::2])], kv_layout=order))
+    mem = RegisteredMemory(ours)
+    want.unpack_from((0, 1), runs, pack(peer, remote, (0, 1), heads=(2, 4)), (1, 3))
+    picked = RegisteredMemory(peer).segments((2, 4))
+    mem.unpack_picked((0, 1), runs, landed, (1, 3), peer.block_bytes, picked)
+    assert all(torch.equal(a.view, b.view) for a, b in zip(ours.regions, want.layout.regions))
+    with pytest.raises(LayoutMismatch):
+        mem.unpack_picked((0, 1), runs, landed, (1, 2), peer.block_bytes, picked)

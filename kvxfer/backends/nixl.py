@@ -60,7 +60,7 @@ from ..handle import TransferHandle
 from ..heads import exchange_heads
 from ..memory import RegisteredMemory
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
-from .nixl_descriptors import head_pieces, region_table, strided_rows
+from .nixl_descriptors import head_pieces, over_reads, region_table, strided_rows
 from .nixl_landing import LandingPool
 # QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
 from .nixl_peers import IDLE_POLL, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
@@ -216,7 +216,7 @@ class NixlBackend(NixlPeerLinks, Backend):
         with self._cond:
             if self._closed:
                 raise AgentClosed("agent closed")
-            nixl_name = local_dlist = None
+            nixl_name = local_dlist = read_dlist = None
             try:
                 nixl_name = self._agent.add_remote_agent(nixl_md)
                 if isinstance(nixl_name, bytes):
@@ -227,11 +227,15 @@ class NixlBackend(NixlPeerLinks, Backend):
                     local_dlist = self._agent.prep_xfer_dlist(
                         "NIXL_INIT_AGENT", strided_rows(region_table(self._memory), self._device,
                                                         ours), self._mem_type)
+                if over_reads(self._memory, theirs, table[0][2]):  # read whole blocks
+                    read_dlist = self._agent.prep_xfer_dlist(
+                        nixl_name, strided_rows(table, device), mem_type)
                 self._agent.make_connection(nixl_name)
                 self._warm_up(nixl_name, dlist, table[0][2] if theirs is None else theirs.nbytes)
             except Exception as exc:  # noqa: BLE001 - nixl raises its own types
-                if local_dlist is not None:
-                    local_dlist.release()
+                for prepared in (local_dlist, read_dlist):
+                    if prepared is not None:
+                        prepared.release()
                 if nixl_name is not None:
                     self._remove_remote(nixl_name)
                 raise PeerUnreachable(f"NIXL cannot reach peer {peer.name!r}: {exc}") from exc
@@ -239,6 +243,8 @@ class NixlBackend(NixlPeerLinks, Backend):
                              peer.descriptor.num_blocks, self.config.max_inflight,
                              self._memory.block_bytes if ours is None else ours.nbytes, local_dlist,
                              1 if ours is None else ours.count, local_heads)
+            if read_dlist is not None:
+                conn.over_read(read_dlist, table[0][2], theirs)
             self._peers.append(conn)
             return conn
 

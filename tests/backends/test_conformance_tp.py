@@ -77,6 +77,35 @@ def moved(full: list[torch.Tensor], src: list[torch.Tensor], s: Spec, heads: ran
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_rank_reads_exactly_the_heads_it_shares_with_each_peer(backend, prefill, case,
                                                                  order):
+    read_and_check(backend, prefill, case, order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("over_read", [False, True])
+def test_nixl_reads_heads_per_piece_or_as_whole_blocks_alike(backend, request, order,
+                                                              over_read, monkeypatch):
+    """NIXL reads small head pieces as the peer's whole blocks and picks the heads while
+    unpacking (nixl_descriptors.over_reads); forced either way, every byte and canary
+    holds, replicated heads (GQA) and gathers from two peers included."""
+    if backend != "nixl":
+        pytest.skip("the over-read is NIXL's (two-sided backends pack on the serving side)")
+    prefill = request.getfixturevalue("prefill")  # after the skip: no peer process for it
+    from kvxfer.backends import nixl_descriptors
+    from kvxfer.memory import RegisteredMemory
+
+    monkeypatch.setattr(nixl_descriptors, "OVERREAD_EXTRA", 1 << 30 if over_read else 0)
+    picked = []
+    unpack_picked = RegisteredMemory.unpack_picked
+    monkeypatch.setattr(RegisteredMemory, "unpack_picked",
+                        lambda self, *a: picked.append(a) or unpack_picked(self, *a))
+    for case in ("1to2", "4to2", "gqa16to2"):
+        read_and_check(backend, prefill, case, order)
+    assert bool(picked) == over_read
+
+
+def read_and_check(backend: str, prefill: PeerProcess, case: str, order: str) -> None:
+    """Read case's blocks from each of its peers into one rank; each read must move
+    exactly the shared heads of exactly the named blocks (the rest are canaries)."""
     ours, theirs = CASES[case]
     me = spec(order, ours)
     decode_full = reference_tensors(me, DECODE_SEED)
