@@ -34,8 +34,11 @@ heads we share are picked out while unpacking (:meth:`RegisteredMemory.unpack_pi
     (layer, part) of a chunk              operation per run of blocks; moves
                                           remote_heads/shared times the bytes
 
-Writes never over-write (the peer's other heads are not ours to touch): they keep
-the per-piece lists.
+A peer holding fewer heads than we do (a gather from TP 4 into TP 2) gives us all of
+its block: the "over-read" then moves no extra byte, only fewer descriptors. Otherwise
+the landing buffers of a chunk hold remote / shared heads times its bytes (at most
+the model's KV heads times). Writes never over-write (the peer's other heads are not
+ours to touch): they keep the per-piece lists.
 """
 
 from __future__ import annotations
