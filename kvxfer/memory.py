@@ -32,6 +32,11 @@ from .plan import MAX_CHUNK_BYTES
 
 Runs = Sequence[tuple[int, int]]  # (first block, count)
 SCATTER_MIN = 16 << 10  # host pieces smaller than this on average: gather instead
+# Head-slice pieces smaller than this are packed rather than sent as one view each: a
+# strided copy per run costs less than a Python view and an iovec per piece. Server side
+# of a 256 MiB HND read over a socketpair, dev VM: CPU 38 ms (views) against 31 ms
+# (pack) for 16 KiB pieces, 31 against 29 for 32 KiB, 28 and 28 for 64 KiB.
+HEAD_SCATTER_MIN = 64 << 10
 
 
 class RegisteredMemory:
@@ -131,13 +136,13 @@ class RegisteredMemory:
         memory when its pieces would average under ``SCATTER_MIN`` bytes (SGLang's page
         size 1, scattered slots), where one Python view per piece costs more than a
         gather by the packing code. A head slice is one piece per block (HND) or per
-        token (NHD)."""
+        token (NHD), packed below ``HEAD_SCATTER_MIN`` bytes (a strided copy per run)."""
         if self.staged:
             return True
         blocks = sum(n for _, n in runs)
         if heads is not None:
             seg = self.segments(heads)
-            return seg.nbytes < SCATTER_MIN
+            return seg.nbytes < HEAD_SCATTER_MIN
         pieces = len(runs) if self.dense else blocks
         return blocks * self.block_bytes < SCATTER_MIN * pieces
 
