@@ -110,12 +110,14 @@ def test_scattered_blocks_are_staged_and_land_in_place(kv_dim):
 
 @pytest.mark.parametrize("order,kv_dim", [("NHD", 0), ("NHD", 1), ("HND", 0)])
 @pytest.mark.parametrize("heads", [(0, 1), (1, 3), (3, 4)])
-# few blocks per run (one fancy-indexed copy per region) and long runs (one strided copy
-# per run), which _gather_host picks between
 @pytest.mark.parametrize("runs", [((5, 2), (1, 1)), ((1, 3), (6, 2)), ((6, 1), (0, 1), (3, 1))])
+@pytest.mark.parametrize("run_copy_min", [1, 1 << 30])
 def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_dim, heads,
-                                                                     runs):
+                                                                     runs, run_copy_min,
+                                                                     monkeypatch):
     from kvxfer.packing import pack
+
+    monkeypatch.setattr("kvxfer.memory.RUN_COPY_MIN", run_copy_min)  # per run, or fancy
 
     gen = torch.Generator().manual_seed(1)
     shape = (2, 8, 4, 4, 3) if kv_dim == 0 else (8, 2, 4, 4, 3)
@@ -173,10 +175,15 @@ def test_a_head_slice_of_a_cuda_cache_packs_as_the_host_reference(order):
 
 @pytest.mark.parametrize("order", ["NHD", "HND"])
 @pytest.mark.parametrize("runs", [((1, 3), (6, 2)), ((6, 1), (0, 1), (3, 1))])
-def test_heads_picked_from_whole_landed_blocks_land_as_a_packed_slice_would(order, runs):
+@pytest.mark.parametrize("run_copy_min", [1, 1 << 30])
+def test_heads_picked_from_whole_landed_blocks_land_as_a_packed_slice_would(order, runs,
+                                                                            run_copy_min,
+                                                                            monkeypatch):
     """NIXL's over-read: the peer's whole blocks land packed; our heads (1, 3) take its
     heads (2, 4), and every other head and block of ours stays as it was (canaries)."""
     from kvxfer.packing import pack
+
+    monkeypatch.setattr("kvxfer.memory.RUN_COPY_MIN", run_copy_min)  # per run, or fancy
 
     gen = torch.Generator().manual_seed(3)
     peer = KVLayout.vllm([torch.randn(2, 8, 4, 4, 3, generator=gen).half() for _ in range(2)],
