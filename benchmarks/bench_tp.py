@@ -6,8 +6,9 @@ default: 32 layers, 8 KV heads of 128, bf16, 16-token blocks) twice: as a TP=1 w
 (every head) and as rank 0 of TP=2 (heads 0-3), one agent each per backend. The client
 is rank 0 of TP=2. Each repeat reads the whole prompt from the TP=2 peer (same shard:
 whole blocks move) and then from the TP=1 peer (half of each of its blocks: the serving
-side packs heads 0-3, or NIXL moves per-head-range descriptors), for every backend in
-turn. Both reads move the same bytes, the half the TP=2 rank owns; GB/s is that over
+side packs heads 0-3; NIXL posts per-head-range descriptors, or, when those pieces are
+small (NHD), reads the whole blocks and picks heads 0-3 while unpacking), for every
+backend in turn. Both reads move the same bytes, the half the TP=2 rank owns; GB/s is that over
 the median time, and the ratio is heterogeneous / homogeneous. Every read is checked
 byte for byte (sampled regions) against the TP=1 reference's heads 0-3.
 

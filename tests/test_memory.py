@@ -110,14 +110,21 @@ def test_scattered_blocks_are_staged_and_land_in_place(kv_dim):
 
 @pytest.mark.parametrize("order,kv_dim", [("NHD", 0), ("NHD", 1), ("HND", 0)])
 @pytest.mark.parametrize("heads", [(0, 1), (1, 3), (3, 4)])
-def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_dim, heads):
+@pytest.mark.parametrize("runs", [((5, 2), (1, 1)), ((1, 3), (6, 2)), ((6, 1), (0, 1), (3, 1))])
+@pytest.mark.parametrize("run_copy_min", [1, 1 << 30])
+def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_dim, heads,
+                                                                     runs, run_copy_min,
+                                                                     monkeypatch):
     from kvxfer.packing import pack
+
+    monkeypatch.setattr("kvxfer.memory.RUN_COPY_MIN", run_copy_min)  # per run, or fancy
 
     gen = torch.Generator().manual_seed(1)
     shape = (2, 8, 4, 4, 3) if kv_dim == 0 else (8, 2, 4, 4, 3)
     lay = KVLayout.vllm([torch.randn(shape, generator=gen).half() for _ in range(3)],
                         kv_layout=order, kv_dim=kv_dim)
-    layers, runs, ids = (0, 2), ((5, 2), (1, 1)), [5, 6, 1]
+    layers = (0, 2)
+    ids = [b for start, count in runs for b in range(start, start + count)]
     want = pack(lay, ids, layers, heads=heads).numpy().tobytes()
     for mem in (RegisteredMemory(lay), RegisteredMemory(lay, staged=True)):
         assert mem.check(layers, runs, heads) == len(want)
@@ -129,11 +136,12 @@ def test_a_head_slice_moves_the_packing_modules_bytes_and_only_those(order, kv_d
         other = RegisteredMemory(KVLayout.vllm(
             [torch.zeros(shape, dtype=torch.half) for _ in range(3)], kv_layout=order,
             kv_dim=kv_dim))
-        other.unpack_from(layers, ((0, 3),), packed, heads)
-        moved = pack(other.layout, [0, 1, 2], layers, heads=heads).numpy().tobytes()
+        other.unpack_from(layers, ((0, len(ids)),), packed, heads)
+        landed = list(range(len(ids)))
+        moved = pack(other.layout, landed, layers, heads=heads).numpy().tobytes()
         assert moved == want
         everything = pack(other.layout, list(range(8))).numpy()
-        assert int((everything != 0).sum()) == int((pack(other.layout, [0, 1, 2], layers,
+        assert int((everything != 0).sum()) == int((pack(other.layout, landed, layers,
                                                           heads=heads).numpy() != 0).sum())
 
 
@@ -163,3 +171,34 @@ def test_a_head_slice_of_a_cuda_cache_packs_as_the_host_reference(order):
         assert torch.equal(out.cpu(), want)
     mem.unpack_from((0, 1), ((0, 3),), want.cuda(), (1, 3))
     assert torch.equal(pack(mem.layout, [0, 1, 2], (0, 1), heads=(1, 3)).cpu(), want)
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize("runs", [((1, 3), (6, 2)), ((6, 1), (0, 1), (3, 1))])
+@pytest.mark.parametrize("run_copy_min", [1, 1 << 30])
+def test_heads_picked_from_whole_landed_blocks_land_as_a_packed_slice_would(order, runs,
+                                                                            run_copy_min,
+                                                                            monkeypatch):
+    """NIXL's over-read: the peer's whole blocks land packed; our heads (1, 3) take its
+    heads (2, 4), and every other head and block of ours stays as it was (canaries)."""
+    from kvxfer.packing import pack
+
+    monkeypatch.setattr("kvxfer.memory.RUN_COPY_MIN", run_copy_min)  # per run, or fancy
+
+    gen = torch.Generator().manual_seed(3)
+    peer = KVLayout.vllm([torch.randn(2, 8, 4, 4, 3, generator=gen).half() for _ in range(2)],
+                         kv_layout=order)
+    ours = KVLayout.vllm([torch.randn(2, 8, 4, 4, 3, generator=gen).half() for _ in range(2)],
+                         kv_layout=order)
+    remote = [7, 2, 5, 0, 4, 1][:sum(n for _, n in runs)]
+    landed = pack(peer, remote, (0, 1))  # whole blocks, packed chunk order
+    before = [r.view for r in ours.regions]  # (L0 K, L0 V, L1 K, L1 V)
+    want = RegisteredMemory(KVLayout.vllm([torch.stack([k, v]) for k, v in
+                                           zip(before[::2], before[1::2])], kv_layout=order))
+    mem = RegisteredMemory(ours)
+    want.unpack_from((0, 1), runs, pack(peer, remote, (0, 1), heads=(2, 4)), (1, 3))
+    picked = RegisteredMemory(peer).segments((2, 4))
+    mem.unpack_picked((0, 1), runs, landed, (1, 3), peer.block_bytes, picked)
+    assert all(torch.equal(a.view, b.view) for a, b in zip(ours.regions, want.layout.regions))
+    with pytest.raises(LayoutMismatch):
+        mem.unpack_picked((0, 1), runs, landed, (1, 2), peer.block_bytes, picked)

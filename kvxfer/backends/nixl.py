@@ -64,8 +64,8 @@ from ..heads import exchange_heads
 from ..logs import get_logger
 from ..memory import RegisteredMemory
 from .base import Backend, BackendConfig, BackendPeer, NotifySink, PeerInfo
-from .nixl_descriptors import head_pieces, region_table, strided_rows
 from .nixl_checksums import PREFIXES, NixlChecksums
+from .nixl_descriptors import head_pieces, over_reads, region_table, strided_rows
 from .nixl_landing import LandingPool
 # QUIESCE_BOUND lives (and is read, so patched) in .nixl_peers, next to _settle.
 from .nixl_peers import IDLE_POLL, NOTIFY_PREFIX, NixlPeer, NixlPeerLinks
@@ -231,7 +231,7 @@ class NixlBackend(NixlChecksums, NixlPeerLinks, Backend):
         with self._cond:
             if self._closed:
                 raise AgentClosed("agent closed")
-            nixl_name = local_dlist = None
+            nixl_name = local_dlist = read_dlist = None
             try:
                 nixl_name = self._agent.add_remote_agent(nixl_md)
                 if isinstance(nixl_name, bytes):
@@ -242,11 +242,15 @@ class NixlBackend(NixlChecksums, NixlPeerLinks, Backend):
                     local_dlist = self._agent.prep_xfer_dlist(
                         "NIXL_INIT_AGENT", strided_rows(region_table(self._memory), self._device,
                                                         ours), self._mem_type)
+                if over_reads(self._memory, theirs, table[0][2]):  # read whole blocks
+                    read_dlist = self._agent.prep_xfer_dlist(
+                        nixl_name, strided_rows(table, device), mem_type)
                 self._agent.make_connection(nixl_name)
                 self._warm_up(nixl_name, dlist, table[0][2] if theirs is None else theirs.nbytes)
             except Exception as exc:  # noqa: BLE001 - nixl raises its own types
-                if local_dlist is not None:
-                    local_dlist.release()
+                for prepared in (local_dlist, read_dlist):
+                    if prepared is not None:
+                        prepared.release()
                 if nixl_name is not None:
                     self._remove_remote(nixl_name)
                 raise PeerUnreachable(f"NIXL cannot reach peer {peer.name!r}: {exc}") from exc
@@ -257,6 +261,8 @@ class NixlBackend(NixlChecksums, NixlPeerLinks, Backend):
             conn.checksum, conn.remote_heads = checksum, remote_heads
             # Our connection to it now carries answers to its checksum requests too.
             self._replies.pop(nixl_name, None)
+            if read_dlist is not None:
+                conn.over_read(read_dlist, table[0][2], theirs)
             self._peers.append(conn)
             return conn
 

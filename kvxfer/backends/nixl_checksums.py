@@ -207,7 +207,7 @@ class NixlChecksums:
             hook(chunk, landing.tensor)
         ours = tensor_checksum(landing.tensor[:nbytes], self._memory)
         ask = ASK + encode_detached(ReadRequest(handle.request_id, chunk.index, chunk.layers,
-                                                chunk.remote_runs, peer.remote_heads))
+                                                chunk.remote_runs, peer.read_heads))
         failure = None
         with self._cond:
             if not handle.active or not peer.alive:

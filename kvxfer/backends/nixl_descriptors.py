@@ -21,7 +21,24 @@ per block in HND (one row per region, as above, shorter and offset), one per tok
 NHD (``block_size`` rows per region, row ``r * S + s`` for token ``s``; flat index
 ``(r * S + s) * NB + b``). Both sides cut their blocks into the same number of pieces
 of the same length, so the lists still pair one to one; NHD costs S times the
-descriptors, which is why HND is the layout to prefer for heterogeneous TP.
+descriptors.
+
+Reads over-read where that is cheaper (:func:`over_reads`): a descriptor costs
+NIXL/UCX a fixed time however small its piece, so when the bytes a piece leaves out of
+the peer's block are few, the read moves the peer's *whole* blocks with its whole-block
+list (few large operations, as a homogeneous read) into our landing buffer, and the
+heads we share are picked out while unpacking (:meth:`RegisteredMemory.unpack_picked`)::
+
+    per piece                             over-read (host memory, extra bytes per
+    R*S rows, S*B descriptors per         piece < OVERREAD_EXTRA): R rows, one
+    (layer, part) of a chunk              operation per run of blocks; moves
+                                          remote_heads/shared times the bytes
+
+A peer holding fewer heads than we do (a gather from TP 4 into TP 2) gives us all of
+its block: the "over-read" then moves no extra byte, only fewer descriptors. Otherwise
+the landing buffers of a chunk hold remote / shared heads times its bytes (at most
+the model's KV heads times). Writes never over-write (the peer's other heads are not
+ours to touch): they keep the per-piece lists.
 """
 
 from __future__ import annotations
@@ -34,6 +51,14 @@ from ..memory import RegisteredMemory
 from ..plan import Chunk
 
 RegionTable = list[list[int]]  # per region: [base, block_stride, block_bytes, num_blocks]
+# A read over-reads when each piece of the peer's block it would post leaves fewer than
+# this many bytes of the block out (what reading the whole block costs extra per
+# descriptor saved). Loopback on the dev VM (UCX cma, Llama-3.1-8B, 16-token blocks,
+# TP 1 -> 2): a descriptor costs about what 14 KiB of bytes do. NHD (1 KiB pieces, 1 KiB
+# left out each) read 0.07x a homogeneous read per piece, 0.55x over-read; HND (16 KiB
+# pieces, 16 KiB left out) 0.53x against 0.58x: a tie. An RDMA NIC posts small reads
+# for less than that, so the threshold sits well below the loopback tie.
+OVERREAD_EXTRA = 4 << 10
 
 
 def region_table(memory: RegisteredMemory) -> RegionTable:
@@ -55,6 +80,15 @@ def head_pieces(memory: RegisteredMemory,
         return None, None
     local, remote = heads.explicit()
     return block_segments(mine, local), block_segments(peer, remote)
+
+
+def over_reads(memory: RegisteredMemory, theirs: Segments | None, block_bytes: int) -> bool:
+    """Whether reads from a peer whose ``block_bytes`` blocks are cut as ``theirs``
+    move its whole blocks (module docstring): when each piece leaves fewer than
+    ``OVERREAD_EXTRA`` bytes of its block out, on host memory (on a GPU the landing
+    buffer is unpacked by the packing kernel, which takes packed pieces only)."""
+    return theirs is not None and memory.is_host and \
+        block_bytes - theirs.count * theirs.nbytes < OVERREAD_EXTRA * theirs.count
 
 
 def strided_rows(table: RegionTable, device: int, pieces: Segments | None = None) -> np.ndarray:

@@ -20,9 +20,11 @@ has returned, nothing writes the transfer's blocks, whatever UCX still does::
     settled    -> buffer back to the pool;  broken unsettled -> quarantined for good
 
 A buffer is one registered, prepared descriptor list of ``slots`` equal pieces (a
-block, or a block's piece of the shared heads for a peer of another TP shard); a
-chunk's NIXL indices map onto it in the order :meth:`RegisteredMemory.unpack_from`
-reads a packed chunk (layer, part, block, piece). Buffers are kept for reuse, at most
+block; a block's piece of the shared heads for a peer of another TP shard; or, when
+such pieces are small, the peer's whole block, over-read: see
+:mod:`.nixl_descriptors`); a chunk's NIXL indices map onto it in the order
+:meth:`RegisteredMemory.unpack_from` (``unpack_picked`` for an over-read) reads a
+packed chunk (layer, part, block, piece). Buffers are kept for reuse, at most
 one per chunk in flight; one whose read was broken off unsettled may still be written
 by UCX, so it is never reused or freed (kept referenced for the process's life).
 

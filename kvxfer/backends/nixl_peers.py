@@ -50,7 +50,7 @@ from typing import Any, Callable, Optional
 
 from ..errors import PeerUnreachable, TransferFailed
 from ..handle import TransferHandle
-from ..heads import HeadRange
+from ..heads import HeadRange, Segments
 from ..logs import get_logger
 from ..memory import RegisteredMemory
 from ..plan import Chunk, Message
@@ -87,6 +87,12 @@ class NixlPeer(BackendPeer):
         self.pieces = pieces
         self.piece_bytes = piece_bytes  # bytes of one piece (a whole block when pieces == 1)
         self.local_heads = local_heads  # our heads those pieces hold (None: whole blocks)
+        # Reads of small pieces over-read (nixl_descriptors.over_reads): the peer's
+        # whole-block list, the bytes of one of its blocks, and where the heads we
+        # share lie in one. Set by over_read before the peer is used; None: per piece.
+        self.read_dlist: Any = None
+        self.read_block_bytes = 0
+        self.picked: Optional[Segments] = None
         self.num_blocks = num_blocks
         self.queue = ChunkQueue(max_inflight, messages_after_finish=True)
         self.xfers: dict[Key, Any] = {}  # posted NIXL xfers, released once settled
@@ -103,13 +109,30 @@ class NixlPeer(BackendPeer):
         self.sums: dict[Key, int] = {}
         self.introduced = threading.Event()
 
-    def packed_bytes(self, chunk: Chunk, parts: int) -> int:
-        """Bytes of ``chunk`` as it moves on this connection (a landing's, a sum's)."""
-        return len(chunk.layers) * parts * self.pieces * chunk.num_blocks * self.piece_bytes
-
     @property
     def alive(self) -> bool:
         return self.dead is None
+
+    def over_read(self, read_dlist: Any, block_bytes: int, picked: Segments) -> None:
+        """Read this peer's whole blocks (``read_dlist``, ``block_bytes`` each) and pick
+        the pieces ``picked`` of each while unpacking, instead of one descriptor each."""
+        self.read_dlist, self.read_block_bytes, self.picked = read_dlist, block_bytes, picked
+
+    def read_shape(self) -> tuple[Any, int, int]:
+        """(remote list, pieces per block, bytes per piece) a read of this peer posts."""
+        if self.read_dlist is not None:
+            return self.read_dlist, 1, self.read_block_bytes
+        return self.dlist, self.pieces, self.piece_bytes
+
+    def read_bytes(self, chunk: Chunk, parts: int) -> int:
+        """Bytes a read of ``chunk`` lands (the peer's whole blocks when it over-reads)."""
+        _, pieces, piece_bytes = self.read_shape()
+        return len(chunk.layers) * parts * pieces * chunk.num_blocks * piece_bytes
+
+    @property
+    def read_heads(self) -> Optional[HeadRange]:
+        """The peer's heads a read's landing holds (None: its whole blocks)."""
+        return None if self.read_dlist is not None else self.remote_heads
 
 
 class NixlPeerLinks:
@@ -192,12 +215,13 @@ class NixlPeerLinks:
         except Exception as exc:  # noqa: BLE001
             log.debug("releasing NIXL descriptors of %r: %s", peer.name, exc)
         peer.dlist = None
-        if peer.local_dlist is not None:
-            try:
-                peer.local_dlist.release()
-            except Exception as exc:  # noqa: BLE001
-                log.debug("releasing our NIXL descriptors for %r: %s", peer.name, exc)
-            peer.local_dlist = None
+        for prepared in (peer.local_dlist, peer.read_dlist):
+            if prepared is not None:
+                try:
+                    prepared.release()
+                except Exception as exc:  # noqa: BLE001
+                    log.debug("releasing NIXL descriptors for %r: %s", peer.name, exc)
+        peer.local_dlist = peer.read_dlist = None
         peer.queue.clear()
         self._drop_verifying(peer, lambda key: True)
         peer.sums.clear()
@@ -259,7 +283,7 @@ class NixlPeerLinks:
         if landing is not None:
             if peer.checksum:  # placed only once the owner's sum matches
                 events.append((self._verify_read, peer, handle, chunk, landing, key,
-                               peer.packed_bytes(chunk, self._parts())))
+                               peer.read_bytes(chunk, self._parts())))
             else:
                 events.append((self._land, peer, handle, chunk, landing))
             return
@@ -285,7 +309,10 @@ class NixlPeerLinks:
         try:
             with handle.data_lock:
                 placed = handle.active
-                if placed:
+                if placed and peer.picked is not None:  # whole blocks: pick our heads
+                    memory.unpack_picked(chunk.layers, chunk.local_runs, landing.tensor,
+                                         peer.local_heads, peer.read_block_bytes, peer.picked)
+                elif placed:
                     memory.unpack_from(chunk.layers, chunk.local_runs, landing.tensor,
                                        peer.local_heads)
         except Exception as exc:  # noqa: BLE001 - this request's failure, not the link's
@@ -321,20 +348,23 @@ class NixlPeerLinks:
             assert memory is not None
             landing = None
             try:
-                parts, pieces = memory.num_parts, peer.pieces
-                remote = chunk_indices(chunk, parts, peer.num_blocks, 1, pieces)
+                parts = memory.num_parts
                 if handle.op == "read":  # into a landing buffer, placed by _land
-                    landing = self._landings.take(peer.piece_bytes, len(remote))
+                    remote_list, pieces, piece_bytes = peer.read_shape()
+                    remote = chunk_indices(chunk, parts, peer.num_blocks, 1, pieces)
+                    landing = self._landings.take(piece_bytes, len(remote))
                     local_list = landing.dlist
                     local = landing_order(len(chunk.layers) * parts, pieces, chunk.num_blocks)
-                else:  # a write reads our blocks where they are
+                else:  # a write reads our blocks where they are, piece by piece
+                    remote_list, pieces = peer.dlist, peer.pieces
+                    remote = chunk_indices(chunk, parts, peer.num_blocks, 1, pieces)
                     local_list = self._local if peer.local_dlist is None else peer.local_dlist
                     local = chunk_indices(chunk, parts, memory.num_blocks, 0, pieces)
                     if peer.checksum:  # the source as posted (its event completed)
                         peer.sums[key] = self._source_sum(peer, handle, chunk)
                 xfer = self._agent.make_prepped_xfer(
                     "READ" if handle.op == "read" else "WRITE", local_list, local,
-                    peer.dlist, remote)
+                    remote_list, remote)
             except Exception as exc:  # noqa: BLE001 - this request's blocks, not the link
                 if landing is not None:
                     self._landings.give(landing)

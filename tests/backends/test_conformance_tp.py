@@ -77,6 +77,35 @@ def moved(full: list[torch.Tensor], src: list[torch.Tensor], s: Spec, heads: ran
 @pytest.mark.parametrize("case", list(CASES))
 def test_a_rank_reads_exactly_the_heads_it_shares_with_each_peer(backend, prefill, case,
                                                                  order):
+    read_and_check(backend, prefill, case, order)
+
+
+@pytest.mark.parametrize("order", ORDERS)
+@pytest.mark.parametrize("over_read", [False, True])
+def test_nixl_reads_heads_per_piece_or_as_whole_blocks_alike(backend, request, order,
+                                                              over_read, monkeypatch):
+    """NIXL reads small head pieces as the peer's whole blocks and picks the heads while
+    unpacking (nixl_descriptors.over_reads); forced either way, every byte and canary
+    holds, replicated heads (GQA) and gathers from two peers included."""
+    if backend != "nixl":
+        pytest.skip("the over-read is NIXL's (two-sided backends pack on the serving side)")
+    prefill = request.getfixturevalue("prefill")  # after the skip: no peer process for it
+    from kvxfer.backends import nixl_descriptors
+    from kvxfer.memory import RegisteredMemory
+
+    monkeypatch.setattr(nixl_descriptors, "OVERREAD_EXTRA", 1 << 30 if over_read else 0)
+    picked = []
+    unpack_picked = RegisteredMemory.unpack_picked
+    monkeypatch.setattr(RegisteredMemory, "unpack_picked",
+                        lambda self, *a: picked.append(a) or unpack_picked(self, *a))
+    for case in ("1to2", "4to2", "gqa16to2"):
+        read_and_check(backend, prefill, case, order)
+    assert bool(picked) == over_read
+
+
+def read_and_check(backend: str, prefill: PeerProcess, case: str, order: str) -> None:
+    """Read case's blocks from each of its peers into one rank; each read must move
+    exactly the shared heads of exactly the named blocks (the rest are canaries)."""
     ours, theirs = CASES[case]
     me = spec(order, ours)
     decode_full = reference_tensors(me, DECODE_SEED)
@@ -141,3 +170,45 @@ def test_a_peer_of_another_model_or_sharing_no_head_is_refused_naming_the_field(
                 agent.add_peer(prefill.meta[spec("nhd", (2, 1)).key])
             assert info.value.field == field
             assert not agent.peers
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_two_sided_head_slices_move_alike_as_views_or_packed(backend, views, monkeypatch):
+    """Both ends in this process, so that both take the path forced here: head pieces
+    sent and received as one view each (pieces of HEAD_SCATTER_MIN or more), or packed
+    by a strided copy per run (smaller ones). A TP 2 rank reads from and writes to a TP 1
+    peer, a TP 1 rank gathers from two TP 2 peers; every byte and canary is checked."""
+    if backend == "nixl":
+        pytest.skip("two-sided backends only (nixl reads per descriptor or over-reads)")
+    from kvxfer import memory
+
+    monkeypatch.setattr(memory, "HEAD_SCATTER_MIN", 1 if views else 1 << 30)
+    viewed = []
+    head_buffers = memory.RegisteredMemory._head_buffers
+    monkeypatch.setattr(memory.RegisteredMemory, "_head_buffers",
+                        lambda self, *a: viewed.append(a) or head_buffers(self, *a))
+    for order in ORDERS:
+        for ours, theirs in (((2, 1), [(1, 0)]), ((1, 0), [(2, 0), (2, 1)])):
+            me = spec(order, ours)
+            decode_full, prefill_full = (reference_tensors(me, s) for s in (DECODE_SEED,
+                                                                              PREFILL_SEED))
+            layout = shard_layout(me, decode_full)
+            expected = [t.clone() for t in decode_full]
+            with kvxfer.Agent(f"decode-{next(_names)}", backend=backend) as agent:
+                agent.register_kv_cache(layout)
+                for tp in theirs:
+                    peer_spec = spec(order, tp)
+                    peer_layout = shard_layout(peer_spec, [t.clone() for t in prefill_full])
+                    with kvxfer.Agent(f"prefill-{next(_names)}", backend=backend) as server:
+                        server.register_kv_cache(peer_layout)
+                        peer = agent.add_peer(server.metadata())
+                        agent.read(peer, [1, 2, 3, 9], [4, 5, 6, 0]).wait(10)
+                        moved(expected, prefill_full, me, peer.shared_heads, [4, 5, 6, 0],
+                              [1, 2, 3, 9])
+                        agent.write(peer, [11, 12], [20, 22]).wait(10)
+                        written = [t.clone() for t in prefill_full]
+                        moved(written, decode_full, me, peer.shared_heads, [20, 22], [11, 12])
+                        assert snapshot(peer_layout) == snapshot(shard_layout(peer_spec,
+                                                                              written))
+                assert snapshot(layout) == snapshot(shard_layout(me, expected))
+    assert bool(viewed) == (views and backend == "tcp")  # ucx and nccl always pack

@@ -42,6 +42,32 @@ def test_descriptor_rows_do_not_grow_with_blocks() -> None:
         assert strided_rows(table, 0).shape == (64, 5)
 
 
+@pytest.mark.parametrize("order,peer_tp,expected", [
+    ("NHD", 1, True),  # 1 KiB pieces, 1 KiB of each token left out: whole blocks
+    ("HND", 1, False),  # one 16 KiB piece per block, 16 KiB left out: per piece
+    ("NHD", 8, True),  # the peer's whole block is all we need of it: one op per run
+    ("HND", 8, True),
+    ("NHD", 2, False),  # the same shard: whole blocks pair up, nothing to pick
+])
+def test_reads_over_read_only_pieces_that_leave_little_of_a_block_out(order, peer_tp,
+                                                                     expected) -> None:
+    from kvxfer.backends.nixl_descriptors import head_pieces, over_reads
+    from kvxfer.memory import RegisteredMemory
+
+    def rank(tp_size: int, tp_rank: int) -> kvxfer.KVLayout:  # Llama-3.1-8B, 8 KV heads
+        heads = 8 // tp_size
+        shape = (2, 4, 16, heads, 128) if order == "NHD" else (2, 4, heads, 16, 128)
+        return kvxfer.KVLayout.vllm([torch.zeros(shape, dtype=torch.bfloat16)],
+                                    kv_layout=order, tp_rank=tp_rank, tp_size=tp_size,
+                                    total_kv_heads=8)
+
+    ours, peer = RegisteredMemory(rank(2, 1)), rank(peer_tp, peer_tp // 2)
+    _, theirs = head_pieces(ours, peer.descriptor)
+    assert over_reads(ours, theirs, peer.block_bytes) is expected
+    ours.is_host = False  # a CUDA cache: its landing buffer is unpacked by the kernel
+    assert not over_reads(ours, theirs, peer.block_bytes)
+
+
 def test_add_peer_memory_does_not_grow_with_blocks() -> None:
     # 4 regions x 2M blocks: one row per (region, block) would be 8M rows (~190 MiB of
     # numpy rows alone); strided rows are 4.

@@ -8,6 +8,8 @@ they landed: a corrupted chunk fails the stream's incoming().
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import os
 import sys
@@ -87,14 +89,25 @@ def test_checksummed_reads_and_writes_are_byte_exact(pair):
     assert owner.backend.corrupt_writes == 0
 
 
-def test_a_reader_of_another_tp_shard_verifies_the_heads_it_reads():
-    owner, src = local_agent(WHOLE4, seed=1, name="owner", backend="nixl")
-    reader, dst = local_agent(TP_SPEC, seed=2, name="reader", backend="nixl", checksum=True)
+@pytest.mark.parametrize("over_read", [False, True], ids=["per-piece", "over-read"])
+@pytest.mark.parametrize("kv_layout", ["hnd", "nhd"])
+def test_a_reader_of_another_tp_shard_verifies_the_heads_it_reads(kv_layout, over_read,
+                                                                  monkeypatch):
+    """A read of the shared heads lands them piece by piece, or (small pieces) lands
+    the owner's whole blocks: the sums asked for must cover what landed."""
+    from kvxfer.backends import nixl_descriptors
+
+    monkeypatch.setattr(nixl_descriptors, "OVERREAD_EXTRA", 1 << 30 if over_read else 0)
+    whole, shard = (dataclasses.replace(WHOLE4, ctor=kv_layout),
+                    dataclasses.replace(TP_SPEC, ctor=kv_layout))
+    owner, src = local_agent(whole, seed=1, name="owner", backend="nixl")
+    reader, dst = local_agent(shard, seed=2, name="reader", backend="nixl", checksum=True)
     try:
         peer = reader.add_peer(owner.metadata())
+        assert (reader.backend._peers[0].read_dlist is not None) == over_read
         reader.read(peer, [3, 4, 30], [0, 1, 2]).wait(20)
         # Our shard of the owner's model (seed 1) is what must have landed.
-        assert block_bytes(dst, [0, 1, 2]) == block_bytes(build_layout(TP_SPEC, 1), [3, 4, 30])
+        assert block_bytes(dst, [0, 1, 2]) == block_bytes(build_layout(shard, 1), [3, 4, 30])
         assert reader.backend.verified_chunks >= 1
     finally:
         reader.close()
